@@ -1,0 +1,112 @@
+"""Turns Poe's answer events into the text an OpenAI client should see, as it streams.
+
+Poe's protocol has two ways to grow an answer: ``text`` appends, ``replace_response`` replaces
+everything so far. Bots use replacements for transient status ("Thinking... (3s)", "Generating
+image (40%)") and sometimes for cumulative answers. A stream cannot take back text it has sent,
+so this module holds back whatever might still be replaced:
+
+* the content of a ``replace_response`` is held until an event confirms it: a following ``text``
+  or ``file`` event, a following replacement that extends it (a cumulative answer), or the end;
+* an answer that so far is only a status line ("Thinking...") is held the same way, even when it
+  arrived as plain ``text``, until something that is not status follows.
+
+If a replacement rewrites text the client already has (rare), the client keeps what it has and
+receives only what follows the replacement; nothing is ever sent twice. The non-streamed answer
+is always Poe's final text.
+"""
+
+from __future__ import annotations
+
+import re
+
+from fastapi_poe.types import Attachment
+
+# One line of transient status, as Poe bots write it; optional markdown emphasis or quote.
+STATUS_LINE = re.compile(
+    r"[>*_\s]*(?:thinking|searching|generating|analy[sz]ing|reading|browsing|processing|"
+    r"loading|waiting|running|fetching|looking|working|creating|rendering|queued)\b"
+    r"[^\n.…]{0,60}(?:\.{2,}|…|\(\d{1,3}%\))(?:\s*\([^\n)]{0,40}\))?[*_\s]*",
+    re.IGNORECASE,
+)
+
+
+def is_status_text(text: str) -> bool:
+    return text.strip() == "" or STATUS_LINE.fullmatch(text.strip()) is not None
+
+
+def attachment_markdown(attachment: Attachment) -> str:
+    """A markdown link for a file a bot returned: images inline, other files as links."""
+    name = attachment.name or "file"
+    if attachment.inline_ref:
+        # The bot's text already refers to it as [..][inline_ref]; define the reference.
+        return f"[{attachment.inline_ref}]: {attachment.url}"
+    if (attachment.content_type or "").startswith("image/"):
+        return f"![{name}]({attachment.url})"
+    return f"[{name}]({attachment.url})"
+
+
+class AnswerStream:
+    """Feed Poe events in; get back the text deltas that are safe to send now."""
+
+    def __init__(self) -> None:
+        self.answer = ""  # Poe's answer as Poe defines it
+        self.client = ""  # what the client has been sent
+        self._held = False  # is answer[self._replaced_at ...] still provisional?
+        self._replaced = False  # did a replacement happen since the last commit?
+        self._replaced_len = 0
+        self._cursor = 0  # answer[:cursor] is accounted for on the client side
+
+    def text(self, text: str) -> str:
+        self.answer += text
+        self._held = self._status_only()
+        return self._commit()
+
+    def replace(self, text: str) -> str:
+        previous, was_held = self.answer, self._held
+        delta = ""
+        if (
+            was_held
+            and self._replaced
+            and text.startswith(previous)
+            and not is_status_text(previous)
+        ):
+            # A cumulative answer: the earlier replacement is confirmed by this one.
+            self._held = False
+            delta = self._commit()
+        self.answer = text
+        self._replaced = True
+        self._replaced_len = len(text)
+        self._held = True
+        return delta
+
+    def file(self, attachment: Attachment) -> str:
+        link = attachment_markdown(attachment)
+        if self.answer and not self.answer.endswith("\n"):
+            link = "\n\n" + link
+        self.answer += link
+        self._held = False
+        return self._commit()
+
+    def finish(self) -> str:
+        self._held = False
+        return self._commit()
+
+    def _status_only(self) -> bool:
+        if self._replaced and not is_status_text(self.answer[: self._replaced_len]):
+            return False  # text after a real (non-status) replacement confirms it
+        return bool(self.answer.strip()) and is_status_text(self.answer)
+
+    def _commit(self) -> str:
+        if self._held:
+            return ""
+        if self._replaced:
+            self._replaced = False
+            if self.answer.startswith(self.client):
+                self._cursor = len(self.client)
+            else:
+                # The replacement rewrote text the client already has: skip it, keep going.
+                self._cursor = self._replaced_len
+        delta = self.answer[self._cursor :]
+        self._cursor = len(self.answer)
+        self.client += delta
+        return delta

@@ -1,0 +1,303 @@
+"""mitmproxy addon: answer OpenAI API calls with Poe bots.
+
+    mitmdump -s addon/poe_openai.py
+
+Answered flows are pointed at the OpenAI-compatible app (app.py) that this addon serves on a
+loopback port inside mitmproxy's own event loop, and their responses are streamed back; nothing
+is ever sent to OpenAI. Every other flow passes through untouched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections.abc
+import json
+import logging
+import secrets
+import sys
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, "") or __package__.startswith("__mitmproxy_script__"):
+    # Loaded by `mitmdump -s addon/poe_openai.py`: make the `addon` package importable.
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from mitmproxy import ctx, exceptions, http
+from mitmproxy.addonmanager import Loader
+
+from addon.app import FLOW_HEADER, ROUTE_HEADER, Service, create_app
+from addon.config import (
+    DEFAULT_BASE_URL,
+    DEFAULT_HOSTS,
+    DEFAULT_MAPPINGS,
+    DEFAULT_UPLOAD_URL,
+    ConfigError,
+    Settings,
+    fingerprint,
+    parse_settings,
+)
+from addon.errors import OpenAIError, internal_error
+from addon.mappings import MappingError, ModelMap, load_mappings
+from addon.poe import PoeClient
+from addon.routing import is_answered
+from addon.server import LoopbackServer
+
+logger = logging.getLogger(__name__)
+
+METADATA_KEY = "poe_openai"
+SECRET_HEADERS = ("authorization", "api-key", "x-api-key")
+OPTION_NAMES = (
+    "poe_api_key",
+    "poe_access_tokens",
+    "poe_mappings",
+    "poe_hosts",
+    "poe_base_url",
+    "poe_upload_url",
+    "poe_proxy",
+)
+
+
+def error_response(error: OpenAIError) -> http.Response:
+    headers = {"content-type": "application/json", **error.headers}
+    return http.Response.make(error.status, json.dumps(error.body()), headers)
+
+
+def redact(flow: http.HTTPFlow) -> None:
+    """Keep keys and tokens out of what mitmproxy shows and saves (-w): fingerprints only."""
+    headers = flow.request.headers
+    for name in SECRET_HEADERS:
+        value = headers.get(name)
+        if value:
+            scheme, _, secret = value.partition(" ")
+            if not secret:
+                scheme, secret = "", scheme
+            tag = f"[redacted {fingerprint(secret.strip())}]"
+            headers[name] = f"{scheme} {tag}" if scheme else tag
+    headers.pop(ROUTE_HEADER, None)
+    headers.pop(FLOW_HEADER, None)
+
+
+class StoredStream:
+    """A response stream callable: forwards every chunk at once and keeps a capped copy."""
+
+    def __init__(self, flow: http.HTTPFlow, limit: int) -> None:
+        self.flow = flow
+        self.limit = limit
+        self.buffer = bytearray()
+        self.truncated = False
+
+    def __call__(self, data: bytes) -> bytes:
+        if data:
+            room = self.limit - len(self.buffer)
+            if room > 0:
+                self.buffer += data[:room]
+            if len(data) > room:
+                self.truncated = True
+        elif self.flow.response is not None:  # b"": the end of the stream
+            self.flow.response.data.content = bytes(self.buffer)
+            if self.truncated:
+                self.flow.comment = (self.flow.comment + "\n" if self.flow.comment else "") + (
+                    f"stored body truncated at {self.limit} bytes"
+                )
+        return data
+
+
+class PoeOpenAI:
+    def __init__(self) -> None:
+        self.settings: Settings | None = None
+        self.service: Service | None = None
+        self.server: LoopbackServer | None = None
+        self.route_token = secrets.token_urlsafe(24)
+
+    def load(self, loader: Loader) -> None:
+        loader.add_option(
+            "poe_api_key",
+            str,
+            "",
+            "Poe API key(s) from poe.com/api_key, comma-separated. Empty: use the POE_API_KEY "
+            "environment variable; if that is empty too, each client's own Bearer key is "
+            "passed to Poe.",
+        )
+        loader.add_option(
+            "poe_access_tokens",
+            collections.abc.Sequence[str],
+            [],
+            "Tokens clients must present as their Bearer key (needs a configured Poe key).",
+        )
+        loader.add_option(
+            "poe_mappings",
+            str,
+            DEFAULT_MAPPINGS,
+            "YAML map of OpenAI model names to Poe bot names; relative paths resolve against "
+            "the addon's repository.",
+        )
+        loader.add_option(
+            "poe_hosts",
+            collections.abc.Sequence[str],
+            list(DEFAULT_HOSTS),
+            "Hosts whose OpenAI API calls are answered with Poe.",
+        )
+        loader.add_option("poe_base_url", str, DEFAULT_BASE_URL, "Poe bot API base URL.")
+        loader.add_option("poe_upload_url", str, DEFAULT_UPLOAD_URL, "Poe file upload base URL.")
+        loader.add_option(
+            "poe_proxy",
+            str,
+            "",
+            "Proxy for reaching Poe (http://, https://, socks5://). Poe calls never use the "
+            "environment's proxy or CA settings.",
+        )
+        loader.add_option(
+            "poe_stream_store_limit",
+            int,
+            1_000_000,
+            "Bytes of each streamed answer kept on the flow for inspection (0: keep none).",
+        )
+
+    def configure(self, updated: set[str]) -> None:
+        if ctx.options.connection_strategy != "lazy":
+            # With "eager", mitmproxy connects to api.openai.com before any hook sees the
+            # request: offline clients are dropped, online ones leak a connection to OpenAI.
+            logger.info("poe-openai: setting connection_strategy=lazy")
+            ctx.options.connection_strategy = "lazy"
+        if "poe_stream_store_limit" in updated and ctx.options.poe_stream_store_limit < 0:
+            raise exceptions.OptionsError(
+                "poe_stream_store_limit must be >= 0 (bytes); use 0 to keep no streamed body"
+            )
+        if self.settings is not None and not updated.intersection(OPTION_NAMES):
+            return
+        try:
+            settings = parse_settings(
+                **{name: getattr(ctx.options, name) for name in OPTION_NAMES}
+            )
+            model_map = load_mappings(settings.mappings_path)
+        except (ConfigError, MappingError) as e:
+            raise exceptions.OptionsError(str(e)) from None
+        self._apply(settings, model_map)
+
+    def _apply(self, settings: Settings, model_map: ModelMap) -> None:
+        old = self.settings
+        self.settings = settings
+        if self.service is None:
+            self.service = Service(
+                settings,
+                model_map,
+                PoeClient(settings.base_url, settings.proxy),
+                route_token=self.route_token,
+            )
+            return
+        self.service.settings = settings
+        self.service.model_map = model_map
+        if old is None or (old.base_url, old.proxy) != (settings.base_url, settings.proxy):
+            previous = self.service.poe
+            self.service.poe = PoeClient(settings.base_url, settings.proxy)
+            _close_later(previous)
+
+    def running(self) -> None:
+        assert self.service is not None and self.settings is not None
+        if self.server is None:
+            self.server = LoopbackServer(create_app(self.service))
+            self.server.start()
+        s = self.settings
+        logger.info(
+            "poe-openai: answering %s with Poe (%s) | auth: %s | %d mapped models from %s",
+            ", ".join(sorted(s.hosts)),
+            s.base_url,
+            s.auth_mode,
+            len(self.service.model_map.models),
+            s.mappings_path,
+        )
+
+    def done(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+            self.server = None
+        if self.service is not None:
+            _close_later(self.service.poe)
+
+    # --- flows ------------------------------------------------------------------------------
+
+    def _answers(self, flow: http.HTTPFlow) -> bool:
+        if self.settings is None:
+            return False
+        return is_answered(
+            flow.client_conn.proxy_mode,
+            self.settings.hosts,
+            host=flow.request.host,
+            host_header=flow.request.host_header,
+            sni=flow.client_conn.sni,
+        )
+
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        # Route here already, so that a request whose body streams (stream_large_bodies)
+        # also goes to the loopback app and never to the real host.
+        if flow.response is not None or not self._answers(flow):
+            return
+        try:
+            self._route(flow)
+        except Exception:
+            logger.exception("poe-openai: could not route %s", flow.request.pretty_url)
+            flow.response = error_response(internal_error())
+            redact(flow)
+
+    async def request(self, flow: http.HTTPFlow) -> None:
+        meta = flow.metadata.get(METADATA_KEY)
+        if meta is None or flow.response is not None:
+            return
+        try:
+            assert self.server is not None
+            await self.server.wait_started()
+            if (flow.request.host, flow.request.port) != (self.server.host, self.server.port):
+                self._route(flow)  # another addon moved it: put it back
+        except Exception:
+            # Fail closed: an answered host must never reach the real upstream.
+            logger.exception("poe-openai: could not route %s", meta["url"])
+            flow.response = error_response(internal_error())
+            redact(flow)
+
+    def _route(self, flow: http.HTTPFlow) -> None:
+        if self.server is None:
+            raise RuntimeError("the loopback server is not running")
+        flow.metadata.setdefault(METADATA_KEY, {"url": flow.request.pretty_url})
+        flow.request.scheme = "http"
+        flow.request.host = self.server.host
+        flow.request.port = self.server.port
+        flow.request.headers[ROUTE_HEADER] = self.route_token
+        flow.request.headers[FLOW_HEADER] = flow.id
+        # In upstream mode the connection would otherwise go through the upstream proxy.
+        flow.server_conn.via = None
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        meta = flow.metadata.get(METADATA_KEY)
+        if meta is None or flow.response is None:
+            return
+        flow.request.url = meta["url"]  # the flow list shows the OpenAI URL, not loopback
+        redact(flow)
+        flow.marked = ":speech_balloon:"
+        if flow.response.headers.get("content-type", "").startswith("text/event-stream"):
+            limit = ctx.options.poe_stream_store_limit
+            flow.response.stream = StoredStream(flow, limit) if limit else True
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        meta = flow.metadata.get(METADATA_KEY)
+        if meta is None:
+            return
+        # The client went away (or the stream was reset): stop the Poe query now.
+        if self.service is not None and self.service.cancel(flow.id):
+            logger.info("poe-openai: client left, Poe query for %s cancelled", meta["url"])
+        flow.request.url = meta["url"]
+        redact(flow)
+
+
+def _close_later(client: PoeClient) -> None:
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        return
+    task = loop.create_task(client.aclose())
+    _background.add(task)
+    task.add_done_callback(_background.discard)
+
+
+_background: set[asyncio.Task[Any]] = set()
+
+addons = [PoeOpenAI()]

@@ -1,0 +1,68 @@
+"""Serves an ASGI app on a loopback port inside the running event loop (mitmproxy's).
+
+mitmproxy streams only bytes that arrive over a server connection, so the addon points answered
+flows at this server instead of building responses itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+from collections.abc import Generator
+
+import uvicorn
+from starlette.types import ASGIApp
+
+logger = logging.getLogger(__name__)
+
+
+class _InLoopServer(uvicorn.Server):
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        # uvicorn would take over SIGINT/SIGTERM from mitmproxy while it runs.
+        yield
+
+    def install_signal_handlers(self) -> None:  # older uvicorn
+        pass
+
+
+class LoopbackServer:
+    def __init__(self, app: ASGIApp, host: str = "127.0.0.1") -> None:
+        # IPPROTO_TCP explicitly: asyncio sets TCP_NODELAY only when sock.proto says TCP;
+        # without it each small answer waits ~40 ms on Nagle + delayed ACK.
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((host, 0))
+        self.sock.listen(1024)
+        self.sock.setblocking(False)
+        self.host, self.port = self.sock.getsockname()[:2]
+        config = uvicorn.Config(
+            app,
+            lifespan="off",
+            log_level="warning",
+            access_log=False,
+            # mitmproxy keeps loopback connections open for reuse between requests.
+            timeout_keep_alive=300,
+            h11_max_incomplete_event_size=64 * 1024 * 1024,
+            server_header=False,
+            date_header=False,
+        )
+        self.server = _InLoopServer(config)
+        self.task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self.task = asyncio.get_running_loop().create_task(self.server.serve(sockets=[self.sock]))
+
+    async def wait_started(self) -> None:
+        while not self.server.started:
+            if self.task is not None and self.task.done():
+                raise RuntimeError("the loopback server stopped") from self.task.exception()
+            await asyncio.sleep(0.005)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.server.force_exit = True
+        with contextlib.suppress(OSError):
+            self.sock.close()
