@@ -145,8 +145,12 @@ def create_app(service: Service) -> Starlette:
         if token is not None and not hmac.compare_digest(
             request.headers.get(ROUTE_HEADER, ""), token
         ):
-            raise OpenAIError(403, "This port only serves requests routed by the Poe addon.",
-                              "invalid_request_error", "forbidden")
+            raise OpenAIError(
+                403,
+                "This port only serves requests routed by the Poe addon.",
+                "invalid_request_error",
+                "forbidden",
+            )
 
     @openai_errors
     async def list_models(request: Request) -> Response:
@@ -311,8 +315,12 @@ def create_app(service: Service) -> Starlette:
 
 async def _method_not_allowed(request: Request, exc: Exception) -> Response:
     return error_response(
-        OpenAIError(405, f"Method {request.method} is not allowed on {request.url.path}.",
-                    "invalid_request_error", "method_not_allowed")
+        OpenAIError(
+            405,
+            f"Method {request.method} is not allowed on {request.url.path}.",
+            "invalid_request_error",
+            "method_not_allowed",
+        )
     )
 
 

@@ -67,8 +67,7 @@ def _text_of(content: object, param: str, role: str) -> str:
             texts.append(str(part.get("refusal") or ""))
         elif kind in ("image_url", "input_image"):
             raise bad_request(
-                f"{where}: image input is not supported by this proxy yet; "
-                "send text content only.",
+                f"{where}: image input is not supported by this proxy yet; send text content only.",
                 where,
                 "unsupported_content",
             )
@@ -175,6 +174,7 @@ def to_query(chat: ChatRequest, new_id: Callable[[], str]) -> QueryRequest:
 
 # --- usage ----------------------------------------------------------------------------------
 
+
 def estimate_tokens(text: str) -> int:
     """About four characters a token for English text; an estimate, not a tokenizer."""
     return math.ceil(len(text) / 4) if text else 0
@@ -192,6 +192,7 @@ def usage(messages: list[ProtocolMessage], answer: str) -> dict[str, int]:
 
 
 # --- responses ------------------------------------------------------------------------------
+
 
 def completion(
     completion_id: str, created: int, model: str, text: str, usage_: dict[str, int]

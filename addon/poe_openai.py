@@ -166,9 +166,7 @@ class PoeOpenAI:
         if self.settings is not None and not updated.intersection(OPTION_NAMES):
             return
         try:
-            settings = parse_settings(
-                **{name: getattr(ctx.options, name) for name in OPTION_NAMES}
-            )
+            settings = parse_settings(**{name: getattr(ctx.options, name) for name in OPTION_NAMES})
             model_map = load_mappings(settings.mappings_path)
         except (ConfigError, MappingError) as e:
             raise exceptions.OptionsError(str(e)) from None

@@ -27,6 +27,5 @@ def is_answered(
     if isinstance(mode, ReverseMode):
         return normalize_host(mode.address[0]) in wanted
     return any(
-        candidate and normalize_host(candidate) in wanted
-        for candidate in (host_header, sni, host)
+        candidate and normalize_host(candidate) in wanted for candidate in (host_header, sni, host)
     )

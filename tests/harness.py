@@ -163,6 +163,8 @@ class Mitmdump:
     def http(self, **kwargs: object) -> httpx.Client:
         """A raw HTTP client for the reverse listener."""
         return httpx.Client(
-            base_url=f"http://127.0.0.1:{self.reverse_port}", trust_env=False, timeout=30,
+            base_url=f"http://127.0.0.1:{self.reverse_port}",
+            trust_env=False,
+            timeout=30,
             **kwargs,  # type: ignore[arg-type]
         )

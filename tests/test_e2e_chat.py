@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import subprocess
 import time
@@ -88,10 +89,24 @@ def test_explicit_proxy_over_http2_streams(proxy: Mitmdump, fake_poe: FakePoe, b
     # httpx does not offer h2 inside a proxy tunnel; curl does.
     fake_poe.script(bot, [text("a"), sleep(0.5), text("b")])
     body = json.dumps({"model": bot, "messages": USER, "stream": True})
-    cmd = ["curl", "-sN", "--http2", "-x", proxy.proxy_url, "--cacert", str(proxy.ca_file),
-           "-H", "authorization: Bearer x", "-H", "content-type: application/json",
-           "-d", body, "-w", "\nhttp_version=%{http_version}\n",
-           "https://api.openai.com/v1/chat/completions"]
+    cmd = [
+        "curl",
+        "-sN",
+        "--http2",
+        "-x",
+        proxy.proxy_url,
+        "--cacert",
+        str(proxy.ca_file),
+        "-H",
+        "authorization: Bearer x",
+        "-H",
+        "content-type: application/json",
+        "-d",
+        body,
+        "-w",
+        "\nhttp_version=%{http_version}\n",
+        "https://api.openai.com/v1/chat/completions",
+    ]
     arrivals: list[tuple[float, str]] = []
     with subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True) as curl:
         assert curl.stdout is not None
@@ -113,7 +128,7 @@ def test_streaming_is_incremental(proxy: Mitmdump, fake_poe: FakePoe, bot: str) 
         if chunk.choices and chunk.choices[0].delta.content:
             arrivals.append((time.monotonic(), chunk.choices[0].delta.content))
     assert [t for _, t in arrivals] == ["one", " two", " three"]
-    gaps = [b[0] - a[0] for a, b in zip(arrivals, arrivals[1:], strict=False)]
+    gaps = [b[0] - a[0] for a, b in itertools.pairwise(arrivals)]
     # Each chunk arrives when Poe sends it, not all together at the end.
     assert all(0.35 < g < 0.9 for g in gaps), gaps
 
@@ -259,9 +274,7 @@ def test_cors_preflight_and_header(proxy: Mitmdump, fake_poe: FakePoe, bot: str)
         assert pre.status_code in (200, 204)
         assert pre.headers["access-control-allow-origin"] in ("*", origin["origin"])
         assert "authorization" in pre.headers["access-control-allow-headers"].lower()
-        r = http.post(
-            "/v1/chat/completions", json={"model": bot, "messages": USER}, headers=origin
-        )
+        r = http.post("/v1/chat/completions", json={"model": bot, "messages": USER}, headers=origin)
         assert r.headers["access-control-allow-origin"] in ("*", origin["origin"])
         assert http.options("/v1/models").status_code in (200, 204)
 
@@ -280,8 +293,11 @@ def test_other_paths_are_openai_404s_never_forwarded(proxy: Mitmdump) -> None:
 def test_other_hosts_pass_through_untouched(proxy: Mitmdump, fake_poe: FakePoe) -> None:
     # The stand-in is just some other HTTP server here: its answer must come back as it is.
     with httpx.Client(proxy=proxy.proxy_url, trust_env=False) as http:
-        r = http.post(f"http://127.0.0.1:{fake_poe.port}/bot/Nobody", json={"type": "settings"},
-                      headers={"authorization": f"Bearer {POE_KEY}"})
+        r = http.post(
+            f"http://127.0.0.1:{fake_poe.port}/bot/Nobody",
+            json={"type": "settings"},
+            headers={"authorization": f"Bearer {POE_KEY}"},
+        )
     assert r.status_code == 200 and r.json() == {}
 
 
@@ -291,7 +307,9 @@ def test_other_hosts_pass_through_untouched(proxy: Mitmdump, fake_poe: FakePoe) 
 def test_malformed_json_and_bad_fields_are_400(proxy: Mitmdump) -> None:
     with proxy.http() as http:
         r = http.post(
-            "/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"}
+            "/v1/chat/completions",
+            content=b"{not json",
+            headers={"content-type": "application/json"},
         )
         assert r.status_code == 400
         validate(r.json(), "ErrorResponse")
@@ -330,20 +348,50 @@ def test_unknown_bot_is_404_model_not_found(proxy: Mitmdump, bot: str) -> None:
 @pytest.mark.parametrize(
     ("script", "exc", "status", "code", "no_retry"),
     [
-        ([("http", 429, {"detail": "slow down"}, {"Retry-After": "7"})],
-         openai.RateLimitError, 429, "rate_limit_exceeded", False),
-        ([error("You have exceeded rate limit for this bot. Please try again later.")],
-         openai.RateLimitError, 429, "rate_limit_exceeded", False),
-        ([("http", 402, {"detail": "no points"}, None)],
-         openai.RateLimitError, 429, "insufficient_quota", True),
-        ([error("You have run out of points", error_type="insufficient_fund")],
-         openai.RateLimitError, 429, "insufficient_quota", True),
+        (
+            [("http", 429, {"detail": "slow down"}, {"Retry-After": "7"})],
+            openai.RateLimitError,
+            429,
+            "rate_limit_exceeded",
+            False,
+        ),
+        (
+            [error("You have exceeded rate limit for this bot. Please try again later.")],
+            openai.RateLimitError,
+            429,
+            "rate_limit_exceeded",
+            False,
+        ),
+        (
+            [("http", 402, {"detail": "no points"}, None)],
+            openai.RateLimitError,
+            429,
+            "insufficient_quota",
+            True,
+        ),
+        (
+            [error("You have run out of points", error_type="insufficient_fund")],
+            openai.RateLimitError,
+            429,
+            "insufficient_quota",
+            True,
+        ),
         ([("http", 500, {"detail": "boom"}, None)], openai.APIStatusError, 502, "poe_error", False),
         ([("http", 503, "unavailable", None)], openai.APIStatusError, 502, "poe_error", False),
-        ([error("Internal server error", allow_retry=True)],
-         openai.APIStatusError, 502, "poe_error", False),
-        ([("http", 401, {"detail": "bad key"}, None)],
-         openai.APIStatusError, 502, "poe_key_rejected", True),
+        (
+            [error("Internal server error", allow_retry=True)],
+            openai.APIStatusError,
+            502,
+            "poe_error",
+            False,
+        ),
+        (
+            [("http", 401, {"detail": "bad key"}, None)],
+            openai.APIStatusError,
+            502,
+            "poe_key_rejected",
+            True,
+        ),
     ],
 )
 def test_poe_failures_before_the_answer(

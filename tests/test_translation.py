@@ -128,11 +128,17 @@ def test_usage_estimate_counts_prompt_and_answer() -> None:
 
 # --- errors ---------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize(
     ("failure", "client_key", "status", "code", "no_retry"),
     [
-        (PoeFailure("b", status=401, body='{"detail":"bad key"}'), True, 401, "invalid_api_key",
-         False),
+        (
+            PoeFailure("b", status=401, body='{"detail":"bad key"}'),
+            True,
+            401,
+            "invalid_api_key",
+            False,
+        ),
         (PoeFailure("b", status=401), False, 502, "poe_key_rejected", True),
         (PoeFailure("b", status=402), False, 429, "insufficient_quota", True),
         (PoeFailure("b", status=404), False, 404, "model_not_found", False),
@@ -140,14 +146,34 @@ def test_usage_estimate_counts_prompt_and_answer() -> None:
         (PoeFailure("b", status=500), False, 502, "poe_error", False),
         (PoeFailure("b", status=503), False, 502, "poe_error", False),
         (PoeFailure("b", transport="ConnectError"), False, 502, "poe_unreachable", False),
-        (PoeFailure("b", event={"text": "You have exceeded rate limit for this bot."}), False,
-         429, "rate_limit_exceeded", False),
-        (PoeFailure("b", event={"text": "No points", "error_type": "insufficient_fund"}), False,
-         429, "insufficient_quota", True),
-        (PoeFailure("b", event={"text": "Internal server error", "allow_retry": True}), False,
-         502, "poe_error", False),
-        (PoeFailure("b", event={"text": "too long", "error_type": "user_message_too_long"}),
-         False, 400, "context_length_exceeded", False),
+        (
+            PoeFailure("b", event={"text": "You have exceeded rate limit for this bot."}),
+            False,
+            429,
+            "rate_limit_exceeded",
+            False,
+        ),
+        (
+            PoeFailure("b", event={"text": "No points", "error_type": "insufficient_fund"}),
+            False,
+            429,
+            "insufficient_quota",
+            True,
+        ),
+        (
+            PoeFailure("b", event={"text": "Internal server error", "allow_retry": True}),
+            False,
+            502,
+            "poe_error",
+            False,
+        ),
+        (
+            PoeFailure("b", event={"text": "too long", "error_type": "user_message_too_long"}),
+            False,
+            400,
+            "context_length_exceeded",
+            False,
+        ),
     ],
 )
 def test_poe_failures_map_to_openai_errors(
@@ -162,6 +188,7 @@ def test_poe_failures_map_to_openai_errors(
 
 
 # --- configuration --------------------------------------------------------------------------
+
 
 def settings(**kw: object) -> object:
     args: dict[str, object] = {
@@ -251,5 +278,6 @@ def test_routing_by_mode_host_and_sni() -> None:
     assert not is_answered(other_reverse, hosts, host="x", host_header="api.openai.com", sni=None)
     assert is_answered(regular, hosts, host="1.2.3.4", host_header="API.openai.com:443", sni=None)
     assert is_answered(regular, hosts, host="1.2.3.4", host_header=None, sni="api.openai.com")
-    assert not is_answered(regular, hosts, host="example.com", host_header="example.com",
-                           sni="example.com")
+    assert not is_answered(
+        regular, hosts, host="example.com", host_header="example.com", sni="example.com"
+    )
