@@ -154,7 +154,7 @@ class PoeOpenAI:
         )
 
     def configure(self, updated: set[str]) -> None:
-        if ctx.options.connection_strategy != "lazy":
+        if "connection_strategy" in ctx.options and ctx.options.connection_strategy != "lazy":
             # With "eager", mitmproxy connects to api.openai.com before any hook sees the
             # request: offline clients are dropped, online ones leak a connection to OpenAI.
             logger.info("poe-openai: setting connection_strategy=lazy")

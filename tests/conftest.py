@@ -26,8 +26,13 @@ def poe_options(fake: FakePoe, **extra: str) -> dict[str, str]:
 
 @pytest.fixture(scope="session")
 def proxy(fake_poe: FakePoe) -> Iterator[Mitmdump]:
-    """Configured Poe key, no access tokens: any client is accepted."""
-    with Mitmdump(options=poe_options(fake_poe), env={"POE_API_KEY": POE_KEY}) as m:
+    """Configured Poe key (from POE_API_KEY), no access tokens: any client is accepted.
+
+    Started with connection_strategy=eager, which the addon must override: with eager,
+    mitmproxy would try to reach api.openai.com (offline here) before any hook runs.
+    """
+    opts = poe_options(fake_poe, connection_strategy="eager")
+    with Mitmdump(options=opts, env={"POE_API_KEY": POE_KEY}) as m:
         yield m
 
 

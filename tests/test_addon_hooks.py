@@ -1,0 +1,58 @@
+"""The mitmproxy glue at hook level (mitmproxy.test.taddons / tflow)."""
+
+from __future__ import annotations
+
+import json
+
+from mitmproxy.addons.proxyserver import Proxyserver
+from mitmproxy.test import taddons, tflow
+
+from addon.poe_openai import PoeOpenAI, redact
+
+
+def openai_flow(host: str = "api.openai.com") -> object:
+    f = tflow.tflow()
+    f.request.scheme = "https"
+    f.request.host = host
+    f.request.port = 443
+    f.request.path = "/v1/chat/completions"
+    f.request.headers["authorization"] = "Bearer sk-secret-value"
+    return f
+
+
+def test_configure_forces_lazy_connections() -> None:
+    addon = PoeOpenAI()
+    with taddons.context(Proxyserver(), addon) as tctx:
+        tctx.configure(addon, connection_strategy="eager", poe_api_key="k")
+        assert tctx.options.connection_strategy == "lazy"
+
+
+def test_fails_closed_when_the_app_cannot_be_reached() -> None:
+    addon = PoeOpenAI()
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, poe_api_key="k")
+        flow = openai_flow()
+        addon.requestheaders(flow)  # no loopback server running: routing fails
+        assert flow.response is not None and flow.response.status_code == 500
+        body = json.loads(flow.response.content)
+        assert set(body["error"]) == {"message", "type", "param", "code"}
+        assert "sk-secret-value" not in str(flow.request.headers)
+
+
+def test_other_hosts_are_left_alone() -> None:
+    addon = PoeOpenAI()
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, poe_api_key="k")
+        flow = openai_flow("example.com")
+        addon.requestheaders(flow)
+        assert flow.response is None
+        assert flow.request.host == "example.com"
+        assert "poe_openai" not in flow.metadata
+
+
+def test_redact_keeps_only_a_fingerprint() -> None:
+    flow = openai_flow()
+    flow.request.headers["api-key"] = "azure-style-secret"
+    redact(flow)
+    assert flow.request.headers["authorization"].startswith("Bearer [redacted key#")
+    assert "azure-style-secret" not in str(flow.request.headers)
