@@ -44,7 +44,11 @@ def spec_path() -> Path:
     override = os.environ.get(ENV_VAR)
     if override:
         return Path(override)
-    return Path(__file__).resolve().parents[2] / "shared" / "openai-openapi" / "openapi.json"
+    shared = Path(__file__).resolve().parents[2] / "shared" / "openai-openapi" / "openapi.json"
+    if shared.is_file():
+        return shared
+    # A clone without ../shared: the subset of the same description kept in the repository.
+    return Path(__file__).resolve().parent / "openapi" / "openai-schemas.json"
 
 
 def _rewrite_nullable(node: Any) -> Any:
