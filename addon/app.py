@@ -8,6 +8,7 @@ in poe.py; this module is the HTTP surface: routes, auth, status codes and the S
 from __future__ import annotations
 
 import asyncio
+import base64
 import hmac
 import itertools
 import json
@@ -18,6 +19,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from fastapi_poe.types import ProtocolMessage
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
@@ -25,8 +27,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from addon import chat
-from addon.answer import AnswerStream
+from addon import chat, images
 from addon.config import Settings, fingerprint
 from addon.errors import OpenAIError, bad_request, classify_failure, internal_error, not_found
 from addon.mappings import ModelMap
@@ -173,30 +174,44 @@ def create_app(service: Service) -> Starlette:
             )
         return JSONResponse(_model(name))
 
+    async def attach(req: chat.ChatRequest, query: Any, auth: Auth) -> Any:
+        """Upload the request's pictures and files (once each) and put them on the query."""
+        if not req.files:
+            return query
+        index_of = [i for i, files in req.files.items() for _ in files]
+        uploads = [f for files in req.files.values() for f in files]
+        attachments = await asyncio.gather(*(service.poe.upload(f, auth.poe_key) for f in uploads))
+        by_message: dict[int, list[Any]] = {}
+        for i, attachment in zip(index_of, attachments, strict=True):
+            by_message.setdefault(i, []).append(attachment)
+        return chat.with_attachments(query, by_message)
+
     @openai_errors
     async def chat_completions(request: Request) -> Response:
         guard(request)
         auth = service.authenticate(request)
         body = await _json_body(request)
-        req = chat.parse_chat_request(body, service.model_map)
-        query = chat.to_query(req, lambda: secrets.token_hex(16))
+        req = chat.parse_chat_request(body, service.model_map, service.settings.max_file_bytes)
+        label = f"{req.model}->{req.bot} {fingerprint(auth.poe_key)}"
+        try:
+            query = await attach(req, chat.to_query(req, new_id), auth)
+        except PoeError as e:
+            err = classify_failure(e.failure, client_key=auth.client_key)
+            logger.info("poe-openai: %s: upload failed: %s", label, err)
+            return error_response(err)
         events = service.poe.stream(query, req.bot, auth.poe_key)
         started = time.monotonic()
-        completion_id = "chatcmpl-" + secrets.token_urlsafe(18).replace("-", "x").replace("_", "y")
+        completion_id = "chatcmpl-" + new_id()[:24]
         created = int(time.time())
-        answer = AnswerStream()
-        label = f"{req.model}->{req.bot} {fingerprint(auth.poe_key)}"
+        reply = chat.ChatReply(req.parallel_tool_calls)
 
         # The status is decided by Poe's first event that says something (meta aside).
-        first: list[str] = []
+        first: tuple[str, list[dict[str, Any]]] = ("", [])
         try:
             async for event in events:
-                if event.kind == "meta":
-                    continue
-                first.append(_apply(answer, event))
-                break
-            else:
-                pass
+                if event.kind != "meta":
+                    first = _feed(reply, event)
+                    break
         except PoeError as e:
             await events.aclose()
             err = classify_failure(e.failure, client_key=auth.client_key)
@@ -206,12 +221,15 @@ def create_app(service: Service) -> Starlette:
         if not req.stream:
             try:
                 async for event in events:
-                    _apply(answer, event)
+                    _feed(reply, event)
             except PoeError as e:
                 err = classify_failure(e.failure, client_key=auth.client_key)
                 logger.info("poe-openai: %s failed: %s", label, err)
                 return error_response(err)
-            answer.finish()
+            finally:
+                await events.aclose()
+            reply.finish()
+            text = reply.answer.answer
             logger.info(
                 "poe-openai: %s answered in %.0f ms", label, (time.monotonic() - started) * 1000
             )
@@ -220,13 +238,20 @@ def create_app(service: Service) -> Starlette:
                     completion_id,
                     created,
                     req.model,
-                    answer.answer,
-                    chat.usage(req.messages, answer.answer),
+                    text,
+                    chat.usage(req.messages, text),
+                    reply.tools.merged(),
                 )
             )
 
         chunks = chat.ChunkFactory(completion_id, created, req.model, req.include_usage)
         flow_id = request.headers.get(FLOW_HEADER)
+
+        def pieces(text: str, deltas: list[dict[str, Any]]) -> list[bytes]:
+            out = [_sse(chunks.content(text))] if text else []
+            if deltas:
+                out.append(_sse(chunks.tool_calls(deltas)))
+            return out
 
         async def stream() -> AsyncIterator[bytes]:
             if flow_id:
@@ -235,27 +260,24 @@ def create_app(service: Service) -> Starlette:
                     service._running[flow_id] = task
             try:
                 yield _sse(chunks.role())
-                if first and first[0]:
-                    yield _sse(chunks.content(first[0]))
+                for piece in pieces(*first):
+                    yield piece
                 try:
                     async for event in events:
-                        delta = _apply(answer, event)
-                        if delta:
-                            yield _sse(chunks.content(delta))
+                        for piece in pieces(*_feed(reply, event)):
+                            yield piece
                 except PoeError as e:
                     err = classify_failure(e.failure, client_key=auth.client_key)
                     logger.info("poe-openai: %s failed mid-stream: %s", label, err)
-                    rest = answer.finish()
-                    if rest:
-                        yield _sse(chunks.content(rest))
+                    for piece in pieces(reply.finish(), []):
+                        yield piece
                     yield _sse(err.body())
                     return
-                rest = answer.finish()
-                if rest:
-                    yield _sse(chunks.content(rest))
-                yield _sse(chunks.finish("stop"))
+                for piece in pieces(reply.finish(), []):
+                    yield piece
+                yield _sse(chunks.finish(reply.finish_reason))
                 if req.include_usage:
-                    yield _sse(chunks.usage(chat.usage(req.messages, answer.client)))
+                    yield _sse(chunks.usage(chat.usage(req.messages, reply.answer.client)))
                 yield SSE_DONE
                 logger.info(
                     "poe-openai: %s streamed in %.0f ms",
@@ -273,6 +295,50 @@ def create_app(service: Service) -> Starlette:
             headers={"cache-control": "no-cache", "x-accel-buffering": "no"},
         )
 
+    async def one_image(req: images.ImageRequest, auth: Auth) -> list[str]:
+        message = ProtocolMessage(role="user", content=req.prompt)
+        query = chat.to_query(
+            chat.ChatRequest(req.model, req.bot, [message], parameters=images.bot_parameters(req)),
+            new_id,
+        )
+        reply = chat.ChatReply()
+        events = service.poe.stream(query, req.bot, auth.poe_key)
+        try:
+            async for event in events:
+                _feed(reply, event)
+        finally:
+            await events.aclose()
+        reply.finish()
+        urls = images.image_urls(reply.answer.answer)
+        if not urls:
+            raise OpenAIError(
+                502,
+                f"The bot `{req.bot}` answered without an image: "
+                f"{reply.answer.answer[:200]!r}. Use an image bot (e.g. dall-e-3, FLUX-pro).",
+                "server_error",
+                "no_image",
+            )
+        return urls
+
+    @openai_errors
+    async def image_generations(request: Request) -> Response:
+        guard(request)
+        auth = service.authenticate(request)
+        req = images.parse_image_request(await _json_body(request), service.model_map)
+        try:
+            batches = await asyncio.gather(*(one_image(req, auth) for _ in range(req.n)))
+            urls = [batch[0] for batch in batches]
+            if req.response_format == "b64_json":
+                blobs = await asyncio.gather(*(service.poe.download(u) for u in urls))
+                items = [{"b64_json": base64.b64encode(b).decode()} for b in blobs]
+            else:
+                items = [{"url": u} for u in urls]
+        except PoeError as e:
+            raise classify_failure(e.failure, client_key=auth.client_key) from None
+        for item in items:
+            item["revised_prompt"] = req.prompt
+        return JSONResponse(images.images_response(int(time.time()), items))
+
     @openai_errors
     async def options(request: Request) -> Response:
         return Response(status_code=204)
@@ -282,7 +348,8 @@ def create_app(service: Service) -> Starlette:
         guard(request)
         raise not_found(
             f"Unknown request URL: {request.method} {request.url.path}. This proxy answers "
-            "/v1/models and /v1/chat/completions with Poe bots; other OpenAI endpoints are not "
+            "/v1/models, /v1/chat/completions and /v1/images/generations with Poe bots; other "
+            "OpenAI endpoints are not "
             "available through Poe.",
             "unknown_url",
         )
@@ -293,6 +360,7 @@ def create_app(service: Service) -> Starlette:
             Route(f"{prefix}/models", list_models, methods=["GET"]),
             Route(f"{prefix}/models/{{model:path}}", get_model, methods=["GET"]),
             Route(f"{prefix}/chat/completions", chat_completions, methods=["POST"]),
+            Route(f"{prefix}/images/generations", image_generations, methods=["POST"]),
         ]
     routes += [
         Route("/{path:path}", options, methods=["OPTIONS"]),
@@ -324,14 +392,12 @@ async def _method_not_allowed(request: Request, exc: Exception) -> Response:
     )
 
 
-def _apply(answer: AnswerStream, event: PoeEvent) -> str:
-    if event.kind == "text":
-        return answer.text(event.text)
-    if event.kind == "replace":
-        return answer.replace(event.text)
-    if event.kind == "file" and event.attachment is not None:
-        return answer.file(event.attachment)
-    return ""  # meta, suggested replies and unknown data are not part of the answer
+def _feed(reply: chat.ChatReply, event: PoeEvent) -> tuple[str, list[dict[str, Any]]]:
+    return reply.feed(event.kind, event.text, event.attachment, event.data)
+
+
+def new_id() -> str:
+    return secrets.token_hex(16)
 
 
 async def _json_body(request: Request) -> Any:

@@ -10,10 +10,27 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from fastapi_poe.types import ProtocolMessage, QueryRequest
+from fastapi_poe.types import (
+    Attachment,
+    ProtocolMessage,
+    QueryRequest,
+    ToolCallDefinition,
+    ToolDefinition,
+    ToolResultDefinition,
+)
 
+from addon.answer import AnswerStream
 from addon.errors import OpenAIError, bad_request, not_found
+from addon.files import FileInput, file_part, image_part
 from addon.mappings import BOT_NAME, ModelMap
+from addon.tools import (
+    ToolCallAssembler,
+    calls_as_text,
+    parse_tool_calls,
+    parse_tools,
+    result_as_text,
+    tool_result,
+)
 
 # OpenAI role -> Poe role. Poe has no "assistant" (it says "bot") and no "developer".
 ROLES = {
@@ -26,33 +43,55 @@ ROLES = {
 }
 
 
+DEFAULT_FILE_LIMIT = 50 * 1024 * 1024
+
+
 @dataclass
 class ChatRequest:
     model: str  # as the client named it; echoed back in answers
     bot: str  # the Poe bot that answers
     messages: list[ProtocolMessage]
+    files: dict[int, list[FileInput]] = field(default_factory=dict)  # message index -> inputs
     stream: bool = False
     include_usage: bool = False
     temperature: float | None = None
     stop: list[str] = field(default_factory=list)
     logit_bias: dict[str, float] = field(default_factory=dict)
+    tools: list[ToolDefinition] | None = None
+    tool_calls: list[ToolCallDefinition] | None = None  # the latest round, answered by...
+    tool_results: list[ToolResultDefinition] | None = None  # ...these results
+    parallel_tool_calls: bool = True
+    parameters: dict[str, Any] = field(default_factory=dict)  # Poe bot parameters
 
 
 def _is_number(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
-def _text_of(content: object, param: str, role: str) -> str:
-    """Message content as Poe text: a string, or the text parts of a content list joined."""
+@dataclass
+class _Turn:
+    role: str
+    text: str
+    files: list[FileInput] = field(default_factory=list)
+    tool_calls: list[ToolCallDefinition] | None = None
+    tool_call_id: str = ""
+    name: str = ""
+
+
+def _content(
+    content: object, param: str, role: str, file_limit: int
+) -> tuple[str, list[FileInput]]:
+    """Message content as Poe text plus the pictures and files to upload with it."""
     if content is None:
         if role in ("assistant", "function"):
-            return ""
+            return "", []
         raise bad_request(f"{param} is required for a {role} message.", param)
     if isinstance(content, str):
-        return content
+        return content, []
     if not isinstance(content, list):
         raise bad_request(f"{param} must be a string or an array of content parts.", param)
     texts: list[str] = []
+    files: list[FileInput] = []
     for i, part in enumerate(content):
         where = f"{param}[{i}]"
         if not isinstance(part, dict) or not isinstance(part.get("type"), str):
@@ -65,25 +104,23 @@ def _text_of(content: object, param: str, role: str) -> str:
             texts.append(text)
         elif kind == "refusal":
             texts.append(str(part.get("refusal") or ""))
-        elif kind in ("image_url", "input_image"):
-            raise bad_request(
-                f"{where}: image input is not supported by this proxy yet; send text content only.",
-                where,
-                "unsupported_content",
-            )
+        elif kind == "image_url":
+            files.append(image_part(part, where, file_limit))
+        elif kind == "file":
+            files.append(file_part(part, where, file_limit))
         else:
             raise bad_request(
                 f"{where}: content part type {kind!r} is not supported through Poe.",
                 f"{where}.type",
                 "unsupported_content",
             )
-    return "\n".join(texts)
+    return "\n".join(texts), files
 
 
-def parse_messages(messages: object) -> list[ProtocolMessage]:
+def _turns(messages: object, file_limit: int) -> list[_Turn]:
     if not isinstance(messages, list) or not messages:
         raise bad_request("messages must be a non-empty array.", "messages")
-    out: list[ProtocolMessage] = []
+    turns: list[_Turn] = []
     for i, message in enumerate(messages):
         where = f"messages[{i}]"
         if not isinstance(message, dict):
@@ -93,9 +130,62 @@ def parse_messages(messages: object) -> list[ProtocolMessage]:
             raise bad_request(
                 f"{where}.role must be one of {', '.join(ROLES)}; got {role!r}.", f"{where}.role"
             )
-        content = _text_of(message.get("content"), f"{where}.content", role)
-        out.append(ProtocolMessage(role=ROLES[role], content=content))
-    return out
+        text, files = _content(message.get("content"), f"{where}.content", role, file_limit)
+        turn = _Turn(role, text, files)
+        if role == "assistant" and message.get("tool_calls"):
+            turn.tool_calls = parse_tool_calls(message["tool_calls"], f"{where}.tool_calls")
+        elif role == "assistant" and isinstance(message.get("function_call"), dict):
+            turn.tool_calls = parse_tool_calls(
+                [{"id": "", "function": message["function_call"]}], f"{where}.function_call"
+            )
+        if role in ("tool", "function"):
+            turn.tool_call_id = str(message.get("tool_call_id") or "")
+            turn.name = str(message.get("name") or "")
+        turns.append(turn)
+    return turns
+
+
+def parse_messages(
+    messages: object, file_limit: int = DEFAULT_FILE_LIMIT
+) -> tuple[
+    list[ProtocolMessage],
+    dict[int, list[FileInput]],
+    list[ToolCallDefinition] | None,
+    list[ToolResultDefinition] | None,
+]:
+    """Poe history, files by message index, and the latest tool round (see tools.py)."""
+    turns = _turns(messages, file_limit)
+    names = {c.id: c.function.name for t in turns for c in t.tool_calls or []}
+    for turn in turns:
+        if turn.role in ("tool", "function") and not turn.name:
+            turn.name = names.get(turn.tool_call_id, "")
+
+    latest_calls: list[ToolCallDefinition] | None = None
+    latest_results: list[ToolResultDefinition] | None = None
+    first_result = len(turns)
+    while first_result > 0 and turns[first_result - 1].role == "tool":
+        first_result -= 1
+    if first_result < len(turns) and first_result > 0 and turns[first_result - 1].tool_calls:
+        latest_calls = turns[first_result - 1].tool_calls
+        latest_results = [tool_result(t.tool_call_id, t.name, t.text) for t in turns[first_result:]]
+        turns = turns[: first_result - 1]
+
+    history: list[ProtocolMessage] = []
+    files: dict[int, list[FileInput]] = {}
+    for turn in turns:
+        text = turn.text
+        if turn.tool_calls:
+            text = calls_as_text(text, turn.tool_calls)
+        elif turn.role in ("tool", "function"):
+            text = result_as_text(turn.tool_call_id, turn.name, text)
+        if turn.files:
+            files[len(history)] = turn.files
+        history.append(ProtocolMessage(role=ROLES[turn.role], content=text))
+    if not history:
+        raise bad_request(
+            "messages must contain something before the latest tool round.", "messages"
+        )
+    return history, files, latest_calls, latest_results
 
 
 def _stop(value: object) -> list[str]:
@@ -108,7 +198,9 @@ def _stop(value: object) -> list[str]:
     raise bad_request("stop must be a string or an array of strings.", "stop")
 
 
-def parse_chat_request(body: object, model_map: ModelMap) -> ChatRequest:
+def parse_chat_request(
+    body: object, model_map: ModelMap, file_limit: int = DEFAULT_FILE_LIMIT
+) -> ChatRequest:
     """Validate an OpenAI chat completion request; OpenAIError(400, param=...) if it is bad."""
     if not isinstance(body, dict):
         raise bad_request("The request body must be a JSON object.")
@@ -122,7 +214,7 @@ def parse_chat_request(body: object, model_map: ModelMap) -> ChatRequest:
             "valid Poe bot name.",
             "model_not_found",
         )
-    messages = parse_messages(body.get("messages"))
+    messages, files, tool_calls, tool_results = parse_messages(body.get("messages"), file_limit)
     stream = body.get("stream", False)
     if stream is None:
         stream = False
@@ -145,10 +237,19 @@ def parse_chat_request(body: object, model_map: ModelMap) -> ChatRequest:
         isinstance(logit_bias, dict) and all(_is_number(v) for v in logit_bias.values())
     ):
         raise bad_request("logit_bias must map token ids to numbers.", "logit_bias")
+    parallel = body.get("parallel_tool_calls", True)
+    if parallel is not None and not isinstance(parallel, bool):
+        raise bad_request("parallel_tool_calls must be a boolean.", "parallel_tool_calls")
     return ChatRequest(
         model=model,
         bot=bot,
         messages=messages,
+        files=files,
+        tools=parse_tools(body.get("tools"), body.get("tool_choice")),
+        tool_calls=tool_calls,
+        tool_results=tool_results,
+        parallel_tool_calls=parallel is not False,
+        parameters=parse_parameters(body.get("poe_parameters")),
         stream=stream,
         include_usage=include_usage,
         temperature=None if temperature is None else float(temperature),
@@ -157,12 +258,41 @@ def parse_chat_request(body: object, model_map: ModelMap) -> ChatRequest:
     )
 
 
+def parse_parameters(value: object) -> dict[str, Any]:
+    """``poe_parameters``: Poe bot parameters (thinking budget, aspect ratio, web search...),
+    sent in the client's ``extra_body``; they go on the last user message."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise bad_request(
+            "poe_parameters must be an object of Poe bot parameters.", "poe_parameters"
+        )
+    return dict(value)
+
+
+def with_parameters(messages: list[ProtocolMessage], parameters: dict[str, Any]) -> None:
+    if not parameters:
+        return
+    for i in range(len(messages) - 1, -1, -1):
+        if messages[i].role == "user":
+            messages[i] = messages[i].model_copy(
+                update={"parameters": {**messages[i].parameters, **parameters}}
+            )
+            return
+
+
 def to_query(chat: ChatRequest, new_id: Callable[[], str]) -> QueryRequest:
-    """The Poe query for a chat request; ids come from ``new_id`` so this stays pure."""
+    """The Poe query for a chat request; ids come from ``new_id`` so this stays pure.
+    Attachments are added by the caller once uploaded (see with_attachments)."""
+    messages = list(chat.messages)
+    with_parameters(messages, chat.parameters)
     return QueryRequest(
         version="1.2",
         type="query",
-        query=chat.messages,
+        query=messages,
+        tools=chat.tools,
+        tool_calls=chat.tool_calls,
+        tool_results=chat.tool_results,
         user_id=new_id(),
         conversation_id=new_id(),
         message_id=new_id(),
@@ -194,9 +324,29 @@ def usage(messages: list[ProtocolMessage], answer: str) -> dict[str, int]:
 # --- responses ------------------------------------------------------------------------------
 
 
+def with_attachments(query: QueryRequest, attachments: dict[int, list[Attachment]]) -> QueryRequest:
+    if not attachments:
+        return query
+    messages = list(query.query)
+    for index, items in attachments.items():
+        messages[index] = messages[index].model_copy(
+            update={"attachments": [*messages[index].attachments, *items]}
+        )
+    return query.model_copy(update={"query": messages})
+
+
 def completion(
-    completion_id: str, created: int, model: str, text: str, usage_: dict[str, int]
+    completion_id: str,
+    created: int,
+    model: str,
+    text: str,
+    usage_: dict[str, int],
+    tool_calls: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
+    message: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None}
+    if tool_calls:
+        message["tool_calls"] = tool_calls
+        message["content"] = text or None
     return {
         "id": completion_id,
         "object": "chat.completion",
@@ -205,9 +355,9 @@ def completion(
         "choices": [
             {
                 "index": 0,
-                "message": {"role": "assistant", "content": text, "refusal": None},
+                "message": message,
                 "logprobs": None,
-                "finish_reason": "stop",
+                "finish_reason": "tool_calls" if tool_calls else "stop",
             }
         ],
         "usage": usage_,
@@ -246,6 +396,9 @@ class ChunkFactory:
     def content(self, text: str) -> dict[str, Any]:
         return self.delta({"content": text})
 
+    def tool_calls(self, deltas: list[dict[str, Any]]) -> dict[str, Any]:
+        return self.delta({"tool_calls": deltas})
+
     def finish(self, reason: str = "stop") -> dict[str, Any]:
         return self.delta({}, reason)
 
@@ -256,3 +409,37 @@ class ChunkFactory:
 def openai_error_chunk(error: OpenAIError) -> dict[str, Any]:
     """The SSE event that tells a client a stream failed after it began."""
     return error.body()
+
+
+class ChatReply:
+    """One answer being assembled: its text (answer.py) and its tool calls (tools.py)."""
+
+    def __init__(self, parallel_tool_calls: bool = True) -> None:
+        self.answer = AnswerStream()
+        self.tools = ToolCallAssembler(parallel=parallel_tool_calls)
+
+    def feed(
+        self,
+        kind: str,
+        text: str = "",
+        attachment: Attachment | None = None,
+        data: dict[str, Any] | None = None,
+    ) -> tuple[str, list[dict[str, Any]]]:
+        """Text safe to send now and tool-call deltas, for one Poe event."""
+        if kind == "text":
+            return self.answer.text(text), []
+        if kind == "replace":
+            return self.answer.replace(text), []
+        if kind == "file" and attachment is not None:
+            return self.answer.file(attachment), []
+        if kind == "data" and data is not None:
+            content, deltas = self.tools.feed(data)
+            return (self.answer.text(content) if content else ""), deltas
+        return "", []  # meta and suggested replies are not part of the answer
+
+    def finish(self) -> str:
+        return self.answer.finish()
+
+    @property
+    def finish_reason(self) -> str:
+        return "tool_calls" if self.tools.merged() else "stop"

@@ -32,6 +32,7 @@ class Settings:
     base_url: str
     upload_url: str
     proxy: str | None
+    max_file_bytes: int = 50 * 1024 * 1024
 
     @property
     def auth_mode(self) -> str:
@@ -93,6 +94,7 @@ def parse_settings(
     poe_base_url: str,
     poe_upload_url: str,
     poe_proxy: str,
+    poe_max_file_mb: int = 50,
     environ: Mapping[str, str] | None = None,
 ) -> Settings:
     env = os.environ if environ is None else environ
@@ -119,6 +121,8 @@ def parse_settings(
             f"poe_mappings={poe_mappings!r}: no such file ({path}); point it at a YAML map such "
             f"as {DEFAULT_MAPPINGS}"
         )
+    if poe_max_file_mb < 1:
+        raise ConfigError(f"poe_max_file_mb={poe_max_file_mb} must be at least 1 (megabytes)")
     return Settings(
         api_keys=api_keys,
         access_tokens=access_tokens,
@@ -127,6 +131,7 @@ def parse_settings(
         base_url=_base_url("poe_base_url", poe_base_url),
         upload_url=_base_url("poe_upload_url", poe_upload_url),
         proxy=_proxy(poe_proxy),
+        max_file_bytes=poe_max_file_mb * 1024 * 1024,
     )
 
 

@@ -67,6 +67,7 @@ class PoeFailure:
     retry_after: str | None = None
     event: dict[str, Any] | None = None
     transport: str | None = None
+    upload: bool = False  # the failure was an attachment upload, not a bot query
 
 
 _RATE_LIMIT = re.compile(r"rate.?limit|too many requests", re.I)
@@ -131,6 +132,20 @@ def classify_failure(failure: PoeFailure, *, client_key: bool) -> OpenAIError:
         return _classify_event(failure)
     status = failure.status or 502
     detail = _poe_message(failure.body) or f"HTTP {status}"
+    if failure.upload and status not in (401, 403, 402, 429):
+        if status == 413:
+            return OpenAIError(
+                413,
+                f"Poe refused the file {failure.bot}: too large ({detail})",
+                "invalid_request_error",
+                "file_too_large",
+            )
+        return OpenAIError(
+            502,
+            f"Poe could not take the file {failure.bot}: {detail}",
+            "server_error",
+            "poe_upload_failed",
+        )
     if status in (401, 403):
         if client_key:
             return invalid_api_key(f"Poe rejected the API key: {detail}")

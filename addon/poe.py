@@ -11,17 +11,28 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
+from collections import OrderedDict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import httpx
-from fastapi_poe.client import BotError, BotErrorNoRetry, stream_request_base
+from fastapi_poe.client import (
+    AttachmentUploadError,
+    BotError,
+    BotErrorNoRetry,
+    stream_request_base,
+    upload_file,
+)
 from fastapi_poe.types import Attachment, MetaResponse, QueryRequest
 
 from addon.errors import PoeFailure
+from addon.files import FileInput
 
 logger = logging.getLogger(__name__)
+# httpx logs every request line at INFO; the addon logs one line per answered call instead.
+logging.getLogger("httpx").setLevel(logging.WARNING)
 
 EventKind = Literal["text", "replace", "file", "suggested", "meta", "data", "tool_calls"]
 
@@ -121,9 +132,21 @@ class PoeClient:
     """One pool of connections to Poe for every request the proxy answers."""
 
     CONNECT_RETRIES = 1
+    UPLOAD_CACHE_SIZE = 512
+    MAX_DOWNLOAD = 50 * 1024 * 1024
 
-    def __init__(self, base_url: str, proxy: str | None = None) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        proxy: str | None = None,
+        upload_url: str = "https://www.quora.com/poe_api/",
+    ) -> None:
         self.base_url = base_url
+        self.upload_url = upload_url
+        self.proxy = proxy
+        # Clients resend the whole history every turn: upload the same bytes (or URL) once.
+        self._uploaded: OrderedDict[str, Attachment] = OrderedDict()
+        self._uploading: dict[str, asyncio.Future[Attachment]] = {}
         self.session = httpx.AsyncClient(
             # Never read HTTPS_PROXY / SSL_CERT_FILE: set for the *client's* sake they would loop
             # Poe calls back through mitmproxy or break Poe's TLS.
@@ -148,6 +171,11 @@ class PoeClient:
                     request=request,
                     bot_name=bot,
                     api_key=api_key,
+                    # Passed as well as set on the query: fastapi-poe then skips its
+                    # "no text in response" report after an answer made only of tool calls.
+                    tools=query.tools,
+                    tool_calls=query.tool_calls,
+                    tool_results=query.tool_results,
                     session=self.session,
                     on_error=_log_poe_error,
                     num_tries=1,
@@ -165,3 +193,78 @@ class PoeClient:
                     await asyncio.sleep(0.3)
                     continue
                 raise PoeError(_failure_from(exc, bot)) from None
+
+    async def upload(self, file: FileInput, api_key: str) -> Attachment:
+        """Hand a picture or file to Poe once; later requests reuse the attachment."""
+        key = file.digest
+        cached = self._uploaded.get(key)
+        if cached is not None:
+            self._uploaded.move_to_end(key)
+            return cached
+        pending = self._uploading.get(key)
+        if pending is not None:
+            return await asyncio.shield(pending)
+        future: asyncio.Future[Attachment] = asyncio.get_running_loop().create_future()
+        self._uploading[key] = future
+        try:
+            attachment = await self._upload(file, api_key)
+        except BaseException as e:
+            future.set_exception(e)
+            future.exception()  # retrieved: no "never retrieved" warning when nobody waits
+            raise
+        finally:
+            self._uploading.pop(key, None)
+        future.set_result(attachment)
+        self._uploaded[key] = attachment
+        while len(self._uploaded) > self.UPLOAD_CACHE_SIZE:
+            self._uploaded.popitem(last=False)
+        return attachment
+
+    async def _upload(self, file: FileInput, api_key: str) -> Attachment:
+        # upload_file closes the session it is given, so each upload gets its own, with the
+        # same rules as the shared one (no environment proxy or CA settings).
+        session = httpx.AsyncClient(trust_env=False, proxy=self.proxy, timeout=120)
+        try:
+            attachment = await upload_file(
+                file=file.data,
+                file_url=file.url,
+                file_name=file.name,
+                api_key=api_key,
+                session=session,
+                on_error=_log_poe_error,
+                num_tries=1,
+                base_url=self.upload_url,
+            )
+        except AttachmentUploadError as e:
+            match = re.match(r"(\d{3}) [^:]*: ?(.*)", str(e), re.S)
+            status = int(match.group(1)) if match else 502
+            body = match.group(2) if match else str(e)
+            raise PoeError(PoeFailure(file.name, status=status, body=body, upload=True)) from None
+        except httpx.HTTPError as e:
+            raise PoeError(
+                PoeFailure(file.name, transport=_describe_transport(e), upload=True)
+            ) from None
+        finally:
+            await session.aclose()
+        if file.url is None and attachment.content_type in ("", "application/octet-stream"):
+            attachment = attachment.model_copy(update={"content_type": file.mime})
+        return attachment
+
+    async def download(self, url: str) -> bytes:
+        """Fetch a file a bot produced (Poe's own CDN), for answers that want bytes."""
+        try:
+            async with self.session.stream("GET", url) as response:
+                if response.status_code >= 400:
+                    raise PoeError(
+                        PoeFailure(
+                            url, transport=f"HTTP {response.status_code} fetching the bot's file"
+                        )
+                    )
+                data = bytearray()
+                async for chunk in response.aiter_bytes():
+                    data += chunk
+                    if len(data) > self.MAX_DOWNLOAD:
+                        raise PoeError(PoeFailure(url, transport="the bot's file is too large"))
+                return bytes(data)
+        except httpx.HTTPError as e:
+            raise PoeError(PoeFailure(url, transport=_describe_transport(e))) from None

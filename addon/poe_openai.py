@@ -54,6 +54,7 @@ OPTION_NAMES = (
     "poe_base_url",
     "poe_upload_url",
     "poe_proxy",
+    "poe_max_file_mb",
 )
 
 
@@ -147,6 +148,12 @@ class PoeOpenAI:
             "environment's proxy or CA settings.",
         )
         loader.add_option(
+            "poe_max_file_mb",
+            int,
+            50,
+            "Largest picture or file (MB) accepted in a chat message; larger ones get a 413.",
+        )
+        loader.add_option(
             "poe_stream_store_limit",
             int,
             1_000_000,
@@ -179,15 +186,16 @@ class PoeOpenAI:
             self.service = Service(
                 settings,
                 model_map,
-                PoeClient(settings.base_url, settings.proxy),
+                PoeClient(settings.base_url, settings.proxy, settings.upload_url),
                 route_token=self.route_token,
             )
             return
         self.service.settings = settings
         self.service.model_map = model_map
-        if old is None or (old.base_url, old.proxy) != (settings.base_url, settings.proxy):
+        endpoints = (settings.base_url, settings.proxy, settings.upload_url)
+        if old is None or (old.base_url, old.proxy, old.upload_url) != endpoints:
             previous = self.service.poe
-            self.service.poe = PoeClient(settings.base_url, settings.proxy)
+            self.service.poe = PoeClient(*endpoints)
             _close_later(previous)
 
     def running(self) -> None:

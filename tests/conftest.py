@@ -31,7 +31,7 @@ def proxy(fake_poe: FakePoe) -> Iterator[Mitmdump]:
     Started with connection_strategy=eager, which the addon must override: with eager,
     mitmproxy would try to reach api.openai.com (offline here) before any hook runs.
     """
-    opts = poe_options(fake_poe, connection_strategy="eager")
+    opts = poe_options(fake_poe, connection_strategy="eager", poe_max_file_mb="1")
     with Mitmdump(options=opts, env={"POE_API_KEY": POE_KEY}) as m:
         yield m
 

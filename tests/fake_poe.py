@@ -367,8 +367,24 @@ class FakePoe:
             routes=[
                 Route("/bot/{name}", self._bot_endpoint, methods=["POST"]),
                 Route(f"/poe_api/{UPLOAD_PATH}", self._upload_endpoint, methods=["POST"]),
+                Route("/cdn/{name}", self._cdn_endpoint, methods=["GET"]),
             ]
         )
+        self._files: dict[str, tuple[bytes, str]] = {}
+        self.downloads: list[str] = []
+
+    def host_file(self, name: str, data: bytes, content_type: str) -> str:
+        """Serve bytes as Poe's CDN would serve a file a bot made; returns its URL."""
+        self._files[name] = (data, content_type)
+        return f"http://127.0.0.1:{self.port}/cdn/{name}"
+
+    async def _cdn_endpoint(self, request: Request) -> Response:
+        name = request.path_params["name"]
+        self.downloads.append(name)
+        if name not in self._files:
+            return Response(status_code=404)
+        data, content_type = self._files[name]
+        return Response(data, media_type=content_type)
 
     # ----------------------------------------------------------------- lifecycle
 

@@ -45,7 +45,7 @@ def test_roles_map_to_poe_roles() -> None:
         ("system", "dev rule"),
         ("user", "hi"),
         ("bot", "hello"),
-        ("tool", "42"),
+        ("tool", '{"tool_call_id": "c1", "name": "", "content": "42"}'),
     ]
 
 
@@ -61,20 +61,20 @@ def test_text_parts_are_joined() -> None:
     assert req.messages[0].content == "a\nb"
 
 
-def test_image_part_is_a_clear_400() -> None:
+def test_unsupported_part_is_a_clear_400() -> None:
     err = bad(
-        "messages[0].content[1]",
+        "messages[0].content[1].type",
         messages=[
             {
                 "role": "user",
                 "content": [
-                    {"type": "text", "text": "what is this"},
-                    {"type": "image_url", "image_url": {"url": "data:image/png;base64,AA=="}},
+                    {"type": "text", "text": "listen"},
+                    {"type": "input_audio", "input_audio": {"data": "AA==", "format": "wav"}},
                 ],
             }
         ],
     )
-    assert err.status == 400 and "image" in err.message
+    assert err.status == 400 and "input_audio" in err.message
 
 
 def test_model_map_and_unmapped_names() -> None:
