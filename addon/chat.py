@@ -5,7 +5,6 @@ Pure functions and plain data only; no I/O.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,6 +21,7 @@ from fastapi_poe.types import (
 from addon.answer import AnswerStream
 from addon.errors import OpenAIError, bad_request, not_found
 from addon.files import FileInput, file_part, image_part
+from addon.limits import json_instruction
 from addon.mappings import BOT_NAME, ModelMap
 from addon.tools import (
     ToolCallAssembler,
@@ -52,16 +52,21 @@ class ChatRequest:
     bot: str  # the Poe bot that answers
     messages: list[ProtocolMessage]
     files: dict[int, list[FileInput]] = field(default_factory=dict)  # message index -> inputs
-    stream: bool = False
-    include_usage: bool = False
-    temperature: float | None = None
-    stop: list[str] = field(default_factory=list)
-    logit_bias: dict[str, float] = field(default_factory=dict)
     tools: list[ToolDefinition] | None = None
     tool_calls: list[ToolCallDefinition] | None = None  # the latest round, answered by...
     tool_results: list[ToolResultDefinition] | None = None  # ...these results
     parallel_tool_calls: bool = True
-    parameters: dict[str, Any] = field(default_factory=dict)  # Poe bot parameters
+    sampling: Sampling = field(default_factory=lambda: Sampling())
+    json_mode: bool = False
+
+    # Shortcuts used all over.
+    @property
+    def stream(self) -> bool:
+        return self.sampling.stream
+
+    @property
+    def stop(self) -> list[str]:
+        return self.sampling.stop
 
 
 def _is_number(value: object) -> bool:
@@ -198,12 +203,11 @@ def _stop(value: object) -> list[str]:
     raise bad_request("stop must be a string or an array of strings.", "stop")
 
 
-def parse_chat_request(
-    body: object, model_map: ModelMap, file_limit: int = DEFAULT_FILE_LIMIT
-) -> ChatRequest:
-    """Validate an OpenAI chat completion request; OpenAIError(400, param=...) if it is bad."""
-    if not isinstance(body, dict):
-        raise bad_request("The request body must be a JSON object.")
+MAX_CHOICES = 10
+
+
+def parse_model(body: dict[str, Any], model_map: ModelMap) -> tuple[str, str]:
+    """(the model name as sent, the Poe bot that answers it)."""
     model = body.get("model")
     if not isinstance(model, str) or not model.strip():
         raise bad_request("model is required: the OpenAI model or Poe bot name.", "model")
@@ -214,7 +218,33 @@ def parse_chat_request(
             "valid Poe bot name.",
             "model_not_found",
         )
-    messages, files, tool_calls, tool_results = parse_messages(body.get("messages"), file_limit)
+    return model, bot
+
+
+def _positive_int(body: dict[str, Any], name: str) -> int | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise bad_request(f"{name} must be a positive integer.", name)
+    return value
+
+
+@dataclass
+class Sampling:
+    """The request fields chat and legacy completions share."""
+
+    stream: bool = False
+    include_usage: bool = False
+    temperature: float | None = None
+    stop: list[str] = field(default_factory=list)
+    logit_bias: dict[str, float] = field(default_factory=dict)
+    n: int = 1
+    max_tokens: int | None = None
+    parameters: dict[str, Any] = field(default_factory=dict)
+
+
+def parse_sampling(body: dict[str, Any], *limit_names: str) -> Sampling:
     stream = body.get("stream", False)
     if stream is None:
         stream = False
@@ -229,17 +259,67 @@ def parse_chat_request(
     temperature = body.get("temperature")
     if temperature is not None and (not _is_number(temperature) or not 0 <= temperature <= 2):
         raise bad_request("temperature must be a number between 0 and 2.", "temperature")
-    n = body.get("n")
-    if n is not None and n != 1:
-        raise bad_request("Poe answers one choice per request: n must be 1.", "n")
+    n = _positive_int(body, "n") or 1
+    if n > MAX_CHOICES:
+        raise bad_request(
+            f"n must be at most {MAX_CHOICES}: each choice is a Poe query of its own.", "n"
+        )
     logit_bias = body.get("logit_bias")
     if logit_bias is not None and not (
         isinstance(logit_bias, dict) and all(_is_number(v) for v in logit_bias.values())
     ):
         raise bad_request("logit_bias must map token ids to numbers.", "logit_bias")
+    limits = [v for v in (_positive_int(body, name) for name in limit_names) if v is not None]
+    return Sampling(
+        stream=stream,
+        include_usage=include_usage,
+        temperature=None if temperature is None else float(temperature),
+        stop=_stop(body.get("stop")),
+        logit_bias={str(k): float(v) for k, v in (logit_bias or {}).items()},
+        n=n,
+        max_tokens=min(limits) if limits else None,
+        parameters=parse_parameters(body.get("poe_parameters")),
+    )
+
+
+def with_instruction(messages: list[ProtocolMessage], instruction: str | None) -> None:
+    """Add an instruction to the system prompt (a new one if there is none)."""
+    if not instruction:
+        return
+    if messages and messages[0].role == "system":
+        messages[0] = messages[0].model_copy(
+            update={"content": f"{messages[0].content}\n\n{instruction}"}
+        )
+    else:
+        messages.insert(0, ProtocolMessage(role="system", content=instruction))
+
+
+def parse_chat_request(
+    body: object, model_map: ModelMap, file_limit: int = DEFAULT_FILE_LIMIT
+) -> ChatRequest:
+    """Validate an OpenAI chat completion request; OpenAIError(400, param=...) if it is bad."""
+    if not isinstance(body, dict):
+        raise bad_request("The request body must be a JSON object.")
+    model, bot = parse_model(body, model_map)
+    messages, files, tool_calls, tool_results = parse_messages(body.get("messages"), file_limit)
+    sampling = parse_sampling(body, "max_tokens", "max_completion_tokens")
     parallel = body.get("parallel_tool_calls", True)
     if parallel is not None and not isinstance(parallel, bool):
         raise bad_request("parallel_tool_calls must be a boolean.", "parallel_tool_calls")
+    response_format = body.get("response_format")
+    if response_format is not None and (
+        not isinstance(response_format, dict)
+        or response_format.get("type") not in ("text", "json_object", "json_schema")
+    ):
+        raise bad_request(
+            "response_format must be {'type': 'text' | 'json_object' | 'json_schema'}.",
+            "response_format",
+        )
+    instruction = json_instruction(response_format)
+    if instruction:
+        shift = 0 if messages and messages[0].role == "system" else 1
+        with_instruction(messages, instruction)
+        files = {i + shift: f for i, f in files.items()}
     return ChatRequest(
         model=model,
         bot=bot,
@@ -249,12 +329,8 @@ def parse_chat_request(
         tool_calls=tool_calls,
         tool_results=tool_results,
         parallel_tool_calls=parallel is not False,
-        parameters=parse_parameters(body.get("poe_parameters")),
-        stream=stream,
-        include_usage=include_usage,
-        temperature=None if temperature is None else float(temperature),
-        stop=_stop(body.get("stop")),
-        logit_bias={str(k): float(v) for k, v in (logit_bias or {}).items()},
+        sampling=sampling,
+        json_mode=instruction is not None,
     )
 
 
@@ -285,7 +361,7 @@ def to_query(chat: ChatRequest, new_id: Callable[[], str]) -> QueryRequest:
     """The Poe query for a chat request; ids come from ``new_id`` so this stays pure.
     Attachments are added by the caller once uploaded (see with_attachments)."""
     messages = list(chat.messages)
-    with_parameters(messages, chat.parameters)
+    with_parameters(messages, chat.sampling.parameters)
     return QueryRequest(
         version="1.2",
         type="query",
@@ -296,28 +372,20 @@ def to_query(chat: ChatRequest, new_id: Callable[[], str]) -> QueryRequest:
         user_id=new_id(),
         conversation_id=new_id(),
         message_id=new_id(),
-        temperature=chat.temperature,
-        stop_sequences=chat.stop,
-        logit_bias=chat.logit_bias,
+        temperature=chat.sampling.temperature,
+        stop_sequences=chat.sampling.stop,
+        logit_bias=chat.sampling.logit_bias,
     )
 
 
 # --- usage ----------------------------------------------------------------------------------
 
 
-def estimate_tokens(text: str) -> int:
-    """About four characters a token for English text; an estimate, not a tokenizer."""
-    return math.ceil(len(text) / 4) if text else 0
-
-
-def usage(messages: list[ProtocolMessage], answer: str) -> dict[str, int]:
-    # 4 tokens of framing per message, as OpenAI's chat format costs.
-    prompt = sum(estimate_tokens(m.content) + 4 for m in messages) + 2
-    completion = estimate_tokens(answer)
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     return {
-        "prompt_tokens": prompt,
-        "completion_tokens": completion,
-        "total_tokens": prompt + completion,
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
     }
 
 
@@ -335,31 +403,38 @@ def with_attachments(query: QueryRequest, attachments: dict[int, list[Attachment
     return query.model_copy(update={"query": messages})
 
 
+@dataclass
+class Choice:
+    """One finished choice of a non-streamed answer."""
+
+    text: str
+    finish_reason: str
+    tool_calls: list[dict[str, Any]] = field(default_factory=list)
+
+
 def completion(
-    completion_id: str,
-    created: int,
-    model: str,
-    text: str,
-    usage_: dict[str, int],
-    tool_calls: list[dict[str, Any]] | None = None,
+    completion_id: str, created: int, model: str, choices: list[Choice], usage_: dict[str, int]
 ) -> dict[str, Any]:
-    message: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None}
-    if tool_calls:
-        message["tool_calls"] = tool_calls
-        message["content"] = text or None
+    out = []
+    for index, choice in enumerate(choices):
+        message: dict[str, Any] = {"role": "assistant", "content": choice.text, "refusal": None}
+        if choice.tool_calls:
+            message["tool_calls"] = choice.tool_calls
+            message["content"] = choice.text or None
+        out.append(
+            {
+                "index": index,
+                "message": message,
+                "logprobs": None,
+                "finish_reason": choice.finish_reason,
+            }
+        )
     return {
         "id": completion_id,
         "object": "chat.completion",
         "created": created,
         "model": model,
-        "choices": [
-            {
-                "index": 0,
-                "message": message,
-                "logprobs": None,
-                "finish_reason": "tool_calls" if tool_calls else "stop",
-            }
-        ],
+        "choices": out,
         "usage": usage_,
     }
 
@@ -385,22 +460,24 @@ class ChunkFactory:
             chunk["usage"] = usage_
         return chunk
 
-    def delta(self, delta: dict[str, Any], finish_reason: str | None = None) -> dict[str, Any]:
+    def delta(
+        self, delta: dict[str, Any], finish_reason: str | None = None, index: int = 0
+    ) -> dict[str, Any]:
         return self._chunk(
-            [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]
+            [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]
         )
 
-    def role(self) -> dict[str, Any]:
-        return self.delta({"role": "assistant", "content": ""})
+    def role(self, index: int = 0) -> dict[str, Any]:
+        return self.delta({"role": "assistant", "content": ""}, index=index)
 
-    def content(self, text: str) -> dict[str, Any]:
-        return self.delta({"content": text})
+    def content(self, text: str, index: int = 0) -> dict[str, Any]:
+        return self.delta({"content": text}, index=index)
 
-    def tool_calls(self, deltas: list[dict[str, Any]]) -> dict[str, Any]:
-        return self.delta({"tool_calls": deltas})
+    def tool_calls(self, deltas: list[dict[str, Any]], index: int = 0) -> dict[str, Any]:
+        return self.delta({"tool_calls": deltas}, index=index)
 
-    def finish(self, reason: str = "stop") -> dict[str, Any]:
-        return self.delta({}, reason)
+    def finish(self, reason: str = "stop", index: int = 0) -> dict[str, Any]:
+        return self.delta({}, reason, index)
 
     def usage(self, usage_: dict[str, int]) -> dict[str, Any]:
         return self._chunk([], usage_)

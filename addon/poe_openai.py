@@ -25,7 +25,8 @@ if __package__ in (None, "") or __package__.startswith("__mitmproxy_script__"):
 from mitmproxy import ctx, exceptions, http
 from mitmproxy.addonmanager import Loader
 
-from addon.app import FLOW_HEADER, ROUTE_HEADER, Service, create_app
+from addon import tokens
+from addon.app import FLOW_HEADER, ROUTE_HEADER, create_app
 from addon.config import (
     DEFAULT_BASE_URL,
     DEFAULT_HOSTS,
@@ -41,6 +42,7 @@ from addon.mappings import MappingError, ModelMap, load_mappings
 from addon.poe import PoeClient
 from addon.routing import is_answered
 from addon.server import LoopbackServer
+from addon.service import Service
 
 logger = logging.getLogger(__name__)
 
@@ -203,6 +205,8 @@ class PoeOpenAI:
         if self.server is None:
             self.server = LoopbackServer(create_app(self.service))
             self.server.start()
+            # The tokenizer tables take ~0.2 s to load: not on the first request's time.
+            asyncio.get_running_loop().run_in_executor(None, tokens.warm_up)
         s = self.settings
         logger.info(
             "poe-openai: answering %s with Poe (%s) | auth: %s | %d mapped models from %s",

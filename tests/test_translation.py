@@ -12,6 +12,7 @@ from addon.config import ConfigError, normalize_host, parse_settings, split_secr
 from addon.errors import OpenAIError, PoeFailure, classify_failure
 from addon.mappings import MappingError, ModelMap, load_mappings, parse_mappings
 from addon.routing import is_answered
+from addon.tokens import TokenCounter
 
 MAP = ModelMap({"gpt-4o": "GPT-4o", "gpt-3.5-turbo": "ChatGPT-16k"})
 
@@ -99,7 +100,11 @@ def test_model_map_and_unmapped_names() -> None:
         ("temperature", {"temperature": "hot"}),
         ("stop", {"stop": 5}),
         ("stream", {"stream": "yes"}),
-        ("n", {"n": 2}),
+        ("n", {"n": 11}),
+        ("n", {"n": 0}),
+        ("max_tokens", {"max_tokens": -5}),
+        ("max_completion_tokens", {"max_completion_tokens": "lots"}),
+        ("response_format", {"response_format": {"type": "xml"}}),
         ("logit_bias", {"logit_bias": {"1": "x"}}),
         ("stream_options", {"stream_options": True}),
     ],
@@ -120,10 +125,26 @@ def test_optional_parameters_forwarded_only_when_sent() -> None:
     assert parse(stop=["a", "b"]).stop == ["a", "b"]
 
 
-def test_usage_estimate_counts_prompt_and_answer() -> None:
-    req = parse(messages=[{"role": "user", "content": "x" * 40}])
-    usage = chat.usage(req.messages, "y" * 8)
-    assert usage == {"prompt_tokens": 16, "completion_tokens": 2, "total_tokens": 18}
+def test_token_counts_are_openai_bpe_counts() -> None:
+    counter = TokenCounter("gpt-4o")
+    assert counter.count("Hello world, this is a test.") == 8  # o200k_base
+    assert TokenCounter("gpt-3.5-turbo").count("Hello world") == 2  # cl100k_base
+    assert counter.prefix("Hello world, this is a test.", 2) == "Hello world"
+    assert counter.messages(["hi", "there"]) == 1 + 1 + 2 * 3 + 3
+    assert chat.usage(5, 7) == {"prompt_tokens": 5, "completion_tokens": 7, "total_tokens": 12}
+
+
+def test_json_mode_adds_an_instruction() -> None:
+    req = parse(
+        response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"a": 1}}}
+    )
+    assert req.json_mode and req.messages[0].role == "system"
+    assert '{"a": 1}' in req.messages[0].content
+    req = parse(
+        messages=[{"role": "system", "content": "be brief"}, {"role": "user", "content": "x"}],
+        response_format={"type": "json_object"},
+    )
+    assert req.messages[0].content.startswith("be brief\n\nAnswer with one valid JSON object")
 
 
 # --- errors ---------------------------------------------------------------------------------

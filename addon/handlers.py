@@ -1,0 +1,314 @@
+"""The endpoints: each turns one OpenAI request into Poe queries and writes the answer back in
+its own wire format (JSON, or an SSE stream that follows Poe event by event)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from fastapi_poe.types import ProtocolMessage, QueryRequest
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+
+from addon import chat, completions, images
+from addon.config import fingerprint
+from addon.errors import OpenAIError, classify_failure, not_found
+from addon.poe import PoeError
+from addon.runner import Piece, ReplyRunner, merge, start_all
+from addon.service import SSE_DONE, Auth, Service, json_body, new_id, sse
+from addon.tokens import TokenCounter
+
+logger = logging.getLogger(__name__)
+
+MODEL_CREATED = 1_700_000_000  # a fixed date: Poe does not say when a bot was made
+FLOW_HEADER = "x-poe-openai-flow"
+SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
+
+
+def model_object(name: str) -> dict[str, Any]:
+    return {"id": name, "object": "model", "created": MODEL_CREATED, "owned_by": "poe"}
+
+
+async def list_models(service: Service, request: Request) -> Response:
+    service.authenticate(request)
+    data = [model_object(name) for name in service.model_map.models]
+    return JSONResponse({"object": "list", "data": data})
+
+
+async def get_model(service: Service, request: Request) -> Response:
+    service.authenticate(request)
+    name = request.path_params["model"]
+    if not service.model_map.is_mapped(name):
+        raise not_found(
+            f"The model `{name}` is not in this proxy's model map. Chat requests still send "
+            f"unmapped names to Poe as bot names, so `{name}` works if Poe has a bot of that "
+            "name.",
+            "model_not_found",
+        )
+    return JSONResponse(model_object(name))
+
+
+# --- shared machinery ------------------------------------------------------------------------
+
+
+class Call:
+    """One client request in flight: its key, its label for the log, its timing."""
+
+    def __init__(self, service: Service, auth: Auth, model: str, bot: str) -> None:
+        self.service = service
+        self.auth = auth
+        self.bot = bot
+        self.label = f"{model}->{bot} {fingerprint(auth.poe_key)}"
+        self.started = time.monotonic()
+
+    def failure(self, e: PoeError, when: str) -> OpenAIError:
+        err = classify_failure(e.failure, client_key=self.auth.client_key)
+        logger.info("poe-openai: %s failed %s: %s", self.label, when, err)
+        return err
+
+    def done(self, how: str) -> None:
+        ms = (time.monotonic() - self.started) * 1000
+        logger.info("poe-openai: %s %s in %.0f ms", self.label, how, ms)
+
+    async def start(
+        self, queries: list[QueryRequest], make: Callable[[int, Any], ReplyRunner]
+    ) -> list[ReplyRunner]:
+        """One Poe query per choice, all begun; the status is decided by their first events."""
+        runners = [
+            make(i, self.service.poe.stream(q, self.bot, self.auth.poe_key))
+            for i, q in enumerate(queries)
+        ]
+        try:
+            await start_all(runners)
+        except PoeError as e:
+            raise self.failure(e, "before answering") from None
+        return runners
+
+    async def collect(self, runners: list[ReplyRunner]) -> None:
+        try:
+            async for _ in merge(runners):
+                pass
+        except PoeError as e:
+            raise self.failure(e, "while answering") from None
+
+    def stream(
+        self, request: Request, body: Callable[[], AsyncIterator[bytes]]
+    ) -> StreamingResponse:
+        flow_id = request.headers.get(FLOW_HEADER)
+
+        async def tracked() -> AsyncIterator[bytes]:
+            self.service.track(flow_id)
+            try:
+                async for chunk in body():
+                    yield chunk
+            finally:
+                self.service.untrack(flow_id)
+
+        return StreamingResponse(tracked(), media_type="text/event-stream", headers=SSE_HEADERS)
+
+    async def pieces(self, runners: list[ReplyRunner]) -> AsyncIterator[Piece | OpenAIError]:
+        """The stream's pieces; a failure after streaming began comes last, as an error."""
+        try:
+            async for piece in merge(runners):
+                yield piece
+        except PoeError as e:
+            yield self.failure(e, "mid-stream")
+        except OpenAIError as e:
+            yield e
+
+
+async def attach(
+    service: Service, req: chat.ChatRequest, query: QueryRequest, auth: Auth
+) -> QueryRequest:
+    """Upload the request's pictures and files (once each) and put them on the query."""
+    if not req.files:
+        return query
+    index_of = [i for i, files in req.files.items() for _ in files]
+    uploads = [f for files in req.files.values() for f in files]
+    attachments = await asyncio.gather(*(service.poe.upload(f, auth.poe_key) for f in uploads))
+    by_message: dict[int, list[Any]] = {}
+    for i, attachment in zip(index_of, attachments, strict=True):
+        by_message.setdefault(i, []).append(attachment)
+    return chat.with_attachments(query, by_message)
+
+
+# --- chat completions ------------------------------------------------------------------------
+
+
+async def chat_completions(service: Service, request: Request) -> Response:
+    auth = service.authenticate(request)
+    req = chat.parse_chat_request(
+        await json_body(request), service.model_map, service.settings.max_file_bytes
+    )
+    call = Call(service, auth, req.model, req.bot)
+    counter = TokenCounter(req.model)
+    try:
+        query = await attach(service, req, chat.to_query(req, new_id), auth)
+    except PoeError as e:
+        raise call.failure(e, "uploading") from None
+    sampling = req.sampling
+
+    def make(index: int, events: Any) -> ReplyRunner:
+        return ReplyRunner(
+            index,
+            events,
+            counter,
+            parallel_tool_calls=req.parallel_tool_calls,
+            stop=sampling.stop,
+            max_tokens=sampling.max_tokens,
+            json_mode=req.json_mode,
+        )
+
+    runners = await call.start([query] * sampling.n, make)
+    prompt_tokens = counter.messages([m.content for m in query.query])
+    completion_id = "chatcmpl-" + new_id()[:24]
+    created = int(time.time())
+
+    if not sampling.stream:
+        await call.collect(runners)
+        choices = [
+            chat.Choice(r.final_text, r.finish_reason or "stop", r.tool_calls) for r in runners
+        ]
+        usage = chat.usage(prompt_tokens, sum(counter.count(c.text) for c in choices))
+        call.done("answered")
+        return JSONResponse(chat.completion(completion_id, created, req.model, choices, usage))
+
+    chunks = chat.ChunkFactory(completion_id, created, req.model, sampling.include_usage)
+
+    async def body() -> AsyncIterator[bytes]:
+        for runner in runners:
+            yield sse(chunks.role(runner.index))
+        async for piece in call.pieces(runners):
+            if isinstance(piece, OpenAIError):
+                yield sse(piece.body())
+                return
+            if piece.text:
+                yield sse(chunks.content(piece.text, piece.index))
+            if piece.tool_calls:
+                yield sse(chunks.tool_calls(piece.tool_calls, piece.index))
+            if piece.finish:
+                yield sse(chunks.finish(piece.finish, piece.index))
+        if sampling.include_usage:
+            completion_tokens = sum(counter.count(r.text) for r in runners)
+            yield sse(chunks.usage(chat.usage(prompt_tokens, completion_tokens)))
+        yield SSE_DONE
+        call.done("streamed")
+
+    return call.stream(request, body)
+
+
+# --- legacy completions ----------------------------------------------------------------------
+
+
+async def legacy_completions(service: Service, request: Request) -> Response:
+    auth = service.authenticate(request)
+    req = completions.parse_completion_request(await json_body(request), service.model_map)
+    call = Call(service, auth, req.model, req.bot)
+    counter = TokenCounter(req.model)
+    sampling = req.sampling
+    conversations = req.conversations()
+    queries = [
+        chat.to_query(chat.ChatRequest(req.model, req.bot, list(c), sampling=sampling), new_id)
+        for c in conversations
+    ]
+
+    def make(index: int, events: Any) -> ReplyRunner:
+        return ReplyRunner(
+            index, events, counter, stop=sampling.stop, max_tokens=sampling.max_tokens
+        )
+
+    runners = await call.start(queries, make)
+    prompts = [c[0].content for c in conversations]
+    prompt_tokens = sum(counter.count(p) for p in req.prompts)
+    completion_id = "cmpl-" + new_id()[:24]
+    created = int(time.time())
+
+    def echoed(index: int, text: str) -> str:
+        return prompts[index] + text if req.echo else text
+
+    if not sampling.stream:
+        await call.collect(runners)
+        choices = [(echoed(r.index, r.final_text), r.finish_reason or "stop") for r in runners]
+        usage = chat.usage(prompt_tokens, sum(counter.count(r.final_text) for r in runners))
+        call.done("answered")
+        return JSONResponse(
+            completions.text_completion(completion_id, created, req.model, choices, usage)
+        )
+
+    def chunk(index: int, text: str, finish: str | None = None) -> bytes:
+        return sse(
+            completions.completion_chunk(completion_id, created, req.model, index, text, finish)
+        )
+
+    async def body() -> AsyncIterator[bytes]:
+        if req.echo:
+            for runner in runners:
+                yield chunk(runner.index, prompts[runner.index])
+        async for piece in call.pieces(runners):
+            if isinstance(piece, OpenAIError):
+                yield sse(piece.body())
+                return
+            if piece.text or piece.finish:
+                yield chunk(piece.index, piece.text, piece.finish)
+        if sampling.include_usage:
+            usage = chat.usage(prompt_tokens, sum(counter.count(r.text) for r in runners))
+            yield sse(
+                {
+                    "id": completion_id,
+                    "object": "text_completion",
+                    "created": created,
+                    "model": req.model,
+                    "choices": [],
+                    "usage": usage,
+                }
+            )
+        yield SSE_DONE
+        call.done("streamed")
+
+    return call.stream(request, body)
+
+
+# --- images ------------------------------------------------------------------------------------
+
+
+async def image_generations(service: Service, request: Request) -> Response:
+    auth = service.authenticate(request)
+    req = images.parse_image_request(await json_body(request), service.model_map)
+    call = Call(service, auth, req.model, req.bot)
+    message = ProtocolMessage(role="user", content=req.prompt)
+    sampling = chat.Sampling(parameters=images.bot_parameters(req))
+    query = chat.to_query(
+        chat.ChatRequest(req.model, req.bot, [message], sampling=sampling), new_id
+    )
+    counter = TokenCounter(req.model)
+    runners = await call.start([query] * req.n, lambda i, events: ReplyRunner(i, events, counter))
+    await call.collect(runners)
+    urls = []
+    for runner in runners:
+        found = images.image_urls(runner.final_text)
+        if not found:
+            raise OpenAIError(
+                502,
+                f"The bot `{req.bot}` answered without an image: {runner.final_text[:200]!r}. "
+                "Use an image bot (e.g. dall-e-3, FLUX-pro-1.1).",
+                "server_error",
+                "no_image",
+            )
+        urls.append(found[0])
+    items: list[dict[str, str]]
+    if req.response_format == "b64_json":
+        try:
+            blobs = await asyncio.gather(*(service.poe.download(u) for u in urls))
+        except PoeError as e:
+            raise call.failure(e, "fetching the image") from None
+        items = [{"b64_json": base64.b64encode(b).decode()} for b in blobs]
+    else:
+        items = [{"url": u} for u in urls]
+    for item in items:
+        item["revised_prompt"] = req.prompt
+    call.done("drew")
+    return JSONResponse(images.images_response(int(time.time()), items))
