@@ -88,8 +88,8 @@ def create_app(service: Service) -> Starlette:
         first = re.sub(r"^/(v1/)?", "", path).split("/", 1)[0]
         what = UNAVAILABLE.get(first)
         served = (
-            "This proxy answers /v1/models, /v1/chat/completions, /v1/completions and "
-            "/v1/images/generations with Poe bots."
+            "This proxy answers /v1/models, /v1/chat/completions, /v1/completions, "
+            "/v1/responses and /v1/images/generations with Poe bots."
         )
         if what is not None:
             message = f"{request.method} {path}: {what} is not available through Poe. {served}"
@@ -108,6 +108,17 @@ def create_app(service: Service) -> Starlette:
                 methods=["POST"],
             ),
             Route(f"{prefix}/completions", endpoint(handlers.legacy_completions), methods=["POST"]),
+            Route(f"{prefix}/responses", endpoint(handlers.responses_create), methods=["POST"]),
+            Route(
+                f"{prefix}/responses/{{response_id}}",
+                endpoint(handlers.responses_get),
+                methods=["GET"],
+            ),
+            Route(
+                f"{prefix}/responses/{{response_id}}",
+                endpoint(handlers.responses_delete),
+                methods=["DELETE"],
+            ),
             Route(
                 f"{prefix}/images/generations",
                 endpoint(handlers.image_generations),

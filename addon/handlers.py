@@ -14,7 +14,7 @@ from fastapi_poe.types import ProtocolMessage, QueryRequest
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from addon import chat, completions, images
+from addon import chat, completions, images, responses
 from addon.config import fingerprint
 from addon.errors import OpenAIError, classify_failure, not_found
 from addon.poe import PoeError
@@ -312,3 +312,94 @@ async def image_generations(service: Service, request: Request) -> Response:
         item["revised_prompt"] = req.prompt
     call.done("drew")
     return JSONResponse(images.images_response(int(time.time()), items))
+
+
+# --- the Responses API ---------------------------------------------------------------------------
+
+
+async def responses_create(service: Service, request: Request) -> Response:
+    auth = service.authenticate(request)
+    body = await json_body(request)
+    history: list[dict[str, Any]] = []
+    previous = body.get("previous_response_id")
+    if previous is not None:
+        stored = service.responses.get(str(previous))
+        if stored is None:
+            raise responses.unknown_response(str(previous))
+        history = stored.conversation
+    conversation = [*history, *responses.input_to_messages(body.get("input"))]
+    req = chat.parse_chat_request(
+        responses.chat_body(body, history), service.model_map, service.settings.max_file_bytes
+    )
+    call = Call(service, auth, req.model, req.bot)
+    counter = TokenCounter(req.model)
+    try:
+        query = await attach(service, req, chat.to_query(req, new_id), auth)
+    except PoeError as e:
+        raise call.failure(e, "uploading") from None
+
+    def make(index: int, events: Any) -> ReplyRunner:
+        return ReplyRunner(
+            index,
+            events,
+            counter,
+            parallel_tool_calls=req.parallel_tool_calls,
+            stop=req.sampling.stop,
+            max_tokens=req.sampling.max_tokens,
+            json_mode=req.json_mode,
+        )
+
+    runners = await call.start([query], make)
+    prompt_tokens = counter.messages([m.content for m in query.query])
+    builder = responses.ResponseBuilder(body, req.model, body.get("tools") or [])
+
+    def feed(piece: Piece) -> list[dict[str, Any]]:
+        events = builder.text(piece.text) + builder.tool_calls(piece.tool_calls)
+        if piece.finish:
+            usage = chat.usage(prompt_tokens, counter.count(runners[0].text))
+            events += builder.finish(piece.finish, usage)
+            if builder.response["store"]:
+                service.responses.put(
+                    builder.response, [*conversation, builder.conversation_tail()]
+                )
+        return events
+
+    if not req.stream:
+        try:
+            async for piece in merge(runners):
+                feed(piece)
+        except PoeError as e:
+            raise call.failure(e, "while answering") from None
+        call.done("answered")
+        return JSONResponse(builder.response)
+
+    async def events() -> AsyncIterator[bytes]:
+        for event in builder.start():
+            yield responses.sse_event(event)
+        async for piece in call.pieces(runners):
+            if isinstance(piece, OpenAIError):
+                for event in builder.fail(piece):
+                    yield responses.sse_event(event)
+                return
+            for event in feed(piece):
+                yield responses.sse_event(event)
+        call.done("streamed")
+
+    return call.stream(request, events)
+
+
+async def responses_get(service: Service, request: Request) -> Response:
+    service.authenticate(request)
+    response_id = request.path_params["response_id"]
+    stored = service.responses.get(response_id)
+    if stored is None:
+        raise responses.unknown_response(response_id)
+    return JSONResponse(stored.response)
+
+
+async def responses_delete(service: Service, request: Request) -> Response:
+    service.authenticate(request)
+    response_id = request.path_params["response_id"]
+    if not service.responses.delete(response_id):
+        raise responses.unknown_response(response_id)
+    return JSONResponse({"id": response_id, "object": "response", "deleted": True})

@@ -156,6 +156,18 @@ class PoeOpenAI:
             "Largest picture or file (MB) accepted in a chat message; larger ones get a 413.",
         )
         loader.add_option(
+            "poe_response_store_size",
+            int,
+            1000,
+            "Responses API: how many responses are kept for previous_response_id and GET.",
+        )
+        loader.add_option(
+            "poe_response_store_minutes",
+            int,
+            60,
+            "Responses API: how long (minutes) a response is kept.",
+        )
+        loader.add_option(
             "poe_stream_store_limit",
             int,
             1_000_000,
@@ -172,14 +184,21 @@ class PoeOpenAI:
             raise exceptions.OptionsError(
                 "poe_stream_store_limit must be >= 0 (bytes); use 0 to keep no streamed body"
             )
-        if self.settings is not None and not updated.intersection(OPTION_NAMES):
-            return
-        try:
-            settings = parse_settings(**{name: getattr(ctx.options, name) for name in OPTION_NAMES})
-            model_map = load_mappings(settings.mappings_path)
-        except (ConfigError, MappingError) as e:
-            raise exceptions.OptionsError(str(e)) from None
-        self._apply(settings, model_map)
+        for name in ("poe_response_store_size", "poe_response_store_minutes"):
+            if name in updated and getattr(ctx.options, name) < 1:
+                raise exceptions.OptionsError(f"{name} must be at least 1")
+        if self.settings is None or updated.intersection(OPTION_NAMES):
+            try:
+                settings = parse_settings(
+                    **{name: getattr(ctx.options, name) for name in OPTION_NAMES}
+                )
+                model_map = load_mappings(settings.mappings_path)
+            except (ConfigError, MappingError) as e:
+                raise exceptions.OptionsError(str(e)) from None
+            self._apply(settings, model_map)
+        assert self.service is not None
+        self.service.responses.max_entries = ctx.options.poe_response_store_size
+        self.service.responses.max_age_s = ctx.options.poe_response_store_minutes * 60
 
     def _apply(self, settings: Settings, model_map: ModelMap) -> None:
         old = self.settings

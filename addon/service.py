@@ -18,6 +18,7 @@ from addon.config import Settings
 from addon.errors import OpenAIError, bad_request, invalid_api_key
 from addon.mappings import ModelMap
 from addon.poe import PoeClient
+from addon.responses import ResponseStore
 
 MAX_BODY = 64 * 1024 * 1024
 SSE_DONE = b"data: [DONE]\n\n"
@@ -37,6 +38,7 @@ class Service:
     model_map: ModelMap
     poe: PoeClient
     route_token: str | None = None  # when set, only requests carrying it are served
+    responses: ResponseStore = field(default_factory=ResponseStore)
     _turn: itertools.count[int] = field(default_factory=itertools.count)
     running: dict[str, asyncio.Task[Any]] = field(default_factory=dict)
 
