@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -24,6 +24,17 @@ class ConfigError(ValueError):
 
 
 @dataclass(frozen=True)
+class Timeouts:
+    """Seconds. Poe's "Thinking..." replacements count as events, so as activity."""
+
+    first_event: float = 120  # from the query to Poe's first event
+    idle: float = 120  # between two Poe events
+    total: float = 900  # the whole answer
+    header_hold: float = 10  # streams: how long to hold the status line for Poe's first event
+    keepalive: float = 15  # streams: SSE comment this often while Poe is silent
+
+
+@dataclass(frozen=True)
 class Settings:
     api_keys: tuple[str, ...]
     access_tokens: tuple[str, ...]
@@ -33,6 +44,8 @@ class Settings:
     upload_url: str
     proxy: str | None
     max_file_bytes: int = 50 * 1024 * 1024
+    max_body_bytes: int = 64 * 1024 * 1024
+    timeouts: Timeouts = field(default_factory=lambda: Timeouts())
 
     @property
     def auth_mode(self) -> str:
@@ -95,12 +108,21 @@ def parse_settings(
     poe_upload_url: str,
     poe_proxy: str,
     poe_max_file_mb: int = 50,
+    poe_api_key_file: str = "",
+    poe_max_body_mb: int = 64,
+    poe_first_event_timeout_s: int = 120,
+    poe_idle_timeout_s: int = 120,
+    poe_total_timeout_s: int = 900,
+    poe_header_hold_s: int = 10,
+    poe_keepalive_s: int = 15,
     environ: Mapping[str, str] | None = None,
 ) -> Settings:
     env = os.environ if environ is None else environ
     # The key comes from the environment when the option is empty, so `--options` and mitmweb's
-    # option editor never show it.
-    api_keys = split_secrets([poe_api_key or env.get("POE_API_KEY", "")])
+    # option editor never show it; a key file keeps keys out of the process list too.
+    api_keys = split_secrets(
+        [poe_api_key or env.get("POE_API_KEY", ""), *_key_file(poe_api_key_file)]
+    )
     access_tokens = split_secrets(poe_access_tokens)
     if access_tokens and not api_keys:
         raise ConfigError(
@@ -121,8 +143,18 @@ def parse_settings(
             f"poe_mappings={poe_mappings!r}: no such file ({path}); point it at a YAML map such "
             f"as {DEFAULT_MAPPINGS}"
         )
-    if poe_max_file_mb < 1:
-        raise ConfigError(f"poe_max_file_mb={poe_max_file_mb} must be at least 1 (megabytes)")
+    for name, value in (
+        ("poe_max_file_mb", poe_max_file_mb),
+        ("poe_max_body_mb", poe_max_body_mb),
+        ("poe_first_event_timeout_s", poe_first_event_timeout_s),
+        ("poe_idle_timeout_s", poe_idle_timeout_s),
+        ("poe_total_timeout_s", poe_total_timeout_s),
+        ("poe_keepalive_s", poe_keepalive_s),
+    ):
+        if value < 1:
+            raise ConfigError(f"{name}={value} must be at least 1")
+    if poe_header_hold_s < 0:
+        raise ConfigError(f"poe_header_hold_s={poe_header_hold_s} must be 0 or more (seconds)")
     return Settings(
         api_keys=api_keys,
         access_tokens=access_tokens,
@@ -132,7 +164,30 @@ def parse_settings(
         upload_url=_base_url("poe_upload_url", poe_upload_url),
         proxy=_proxy(poe_proxy),
         max_file_bytes=poe_max_file_mb * 1024 * 1024,
+        max_body_bytes=poe_max_body_mb * 1024 * 1024,
+        timeouts=Timeouts(
+            first_event=poe_first_event_timeout_s,
+            idle=poe_idle_timeout_s,
+            total=poe_total_timeout_s,
+            header_hold=poe_header_hold_s,
+            keepalive=poe_keepalive_s,
+        ),
     )
+
+
+def _key_file(path: str) -> list[str]:
+    """Keys from a file: one a line; blank lines and # comments are skipped."""
+    if not path:
+        return []
+    file = Path(path).expanduser()
+    try:
+        lines = file.read_text(encoding="utf-8").splitlines()
+    except OSError as e:
+        raise ConfigError(f"poe_api_key_file={path!r}: cannot read it ({e.strerror})") from None
+    keys = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    if not keys:
+        raise ConfigError(f"poe_api_key_file={path!r} holds no key (one key a line)")
+    return keys
 
 
 def fingerprint(secret: str) -> str:

@@ -68,8 +68,14 @@ class PoeFailure:
     event: dict[str, Any] | None = None
     transport: str | None = None
     upload: bool = False  # the failure was an attachment upload, not a bot query
+    timeout: str | None = None  # "first event", "idle" or "total": Poe took too long
 
 
+TIMEOUT_OPTIONS = {
+    "first event": "poe_first_event_timeout_s",
+    "idle": "poe_idle_timeout_s",
+    "total": "poe_total_timeout_s",
+}
 _RATE_LIMIT = re.compile(r"rate.?limit|too many requests", re.I)
 _NO_BOT = re.compile(r"bot .*(does not exist|not found|doesn't exist)|unknown bot", re.I)
 _NO_POINTS = re.compile(
@@ -124,6 +130,17 @@ def classify_failure(failure: PoeFailure, *, client_key: bool) -> OpenAIError:
     ``client_key`` tells whether the Poe key was the client's own (pass-through): a rejected
     client key is the client's problem (401); a rejected configured key is the proxy's (502).
     """
+    if failure.timeout is not None:
+        headers = dict(NO_RETRY) if failure.timeout == "total" else {}
+        return OpenAIError(
+            504,
+            f"Poe took too long ({failure.timeout} timeout; see "
+            f"{TIMEOUT_OPTIONS.get(failure.timeout, 'the poe_*_timeout_s options')}).",
+            "server_error",
+            "timeout",
+            None,
+            headers,
+        )
     if failure.transport is not None:
         return OpenAIError(
             502, f"Could not reach Poe: {failure.transport}", "server_error", "poe_unreachable"

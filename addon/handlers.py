@@ -16,10 +16,11 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from addon import chat, completions, images, responses
 from addon.config import fingerprint
-from addon.errors import OpenAIError, classify_failure, not_found
+from addon.errors import OpenAIError, PoeFailure, classify_failure, not_found
+from addon.keys import DEFAULT_COOLDOWN_S, OUT_OF_POINTS_COOLDOWN_S, retry_after_seconds
 from addon.poe import PoeError
-from addon.runner import Piece, ReplyRunner, merge, start_all
-from addon.service import SSE_DONE, Auth, Service, json_body, new_id, sse
+from addon.runner import Piece, ReplyRunner, merge, with_ticks
+from addon.service import SSE_DONE, Auth, Service, new_id, sse
 from addon.tokens import TokenCounter
 
 logger = logging.getLogger(__name__)
@@ -27,6 +28,11 @@ logger = logging.getLogger(__name__)
 MODEL_CREATED = 1_700_000_000  # a fixed date: Poe does not say when a bot was made
 FLOW_HEADER = "x-poe-openai-flow"
 SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
+KEEPALIVE = b": keep-alive\n\n"  # an SSE comment: clients ignore it, middleboxes see traffic
+
+
+def runner_limits(service: Service, bot: str) -> dict[str, Any]:
+    return {"timeouts": service.settings.timeouts, "bot": bot}
 
 
 def model_object(name: str) -> dict[str, Any]:
@@ -56,7 +62,7 @@ async def get_model(service: Service, request: Request) -> Response:
 
 
 class Call:
-    """One client request in flight: its key, its label for the log, its timing."""
+    """One client request in flight: its key, its Poe queries, its label for the log."""
 
     def __init__(self, service: Service, auth: Auth, model: str, bot: str) -> None:
         self.service = service
@@ -64,6 +70,8 @@ class Call:
         self.bot = bot
         self.label = f"{model}->{bot} {fingerprint(auth.poe_key)}"
         self.started = time.monotonic()
+        self.runners: list[ReplyRunner] = []
+        self._starting: list[asyncio.Task[ReplyRunner]] = []
 
     def failure(self, e: PoeError, when: str) -> OpenAIError:
         err = classify_failure(e.failure, client_key=self.auth.client_key)
@@ -74,23 +82,89 @@ class Call:
         ms = (time.monotonic() - self.started) * 1000
         logger.info("poe-openai: %s %s in %.0f ms", self.label, how, ms)
 
+    def _key_trouble(self, key: str, failure: PoeFailure, err: OpenAIError) -> bool:
+        """Note what Poe said about a configured key; True if another key may do better."""
+        pool = self.service.pool
+        if err.code == "rate_limit_exceeded":
+            if failure.status == 429:  # the key's own limit (an in-band one may be the bot's)
+                wait = retry_after_seconds(failure.retry_after) or DEFAULT_COOLDOWN_S
+                pool.cool(key, wait, "rate-limited")
+        elif err.code == "insufficient_quota":
+            pool.cool(key, OUT_OF_POINTS_COOLDOWN_S, "out of points")
+        elif err.code == "poe_key_rejected":
+            pool.reject(key)
+        else:
+            return False
+        return True
+
+    async def _start_one(
+        self, query: QueryRequest, make: Callable[[Any], ReplyRunner]
+    ) -> ReplyRunner:
+        """Begin one choice; on a key problem, move to the next configured key, which is
+        safe because nothing has reached the client yet."""
+        key, tried = self.auth.poe_key, set[str]()
+        while True:
+            runner = make(self.service.poe.stream(query, self.bot, key))
+            runner.key = key
+            try:
+                await runner.first()
+                return runner
+            except PoeError as e:
+                await runner.aclose()
+                err = classify_failure(e.failure, client_key=self.auth.client_key)
+                if self.auth.client_key or not self._key_trouble(key, e.failure, err):
+                    raise self.failure(e, "before answering") from None
+                tried.add(key)
+                following = self.service.pool.pick(exclude=tried)
+                if following is None:
+                    if len(tried) == 1:  # nothing to fail over to: Poe's own answer
+                        raise self.failure(e, "before answering") from None
+                    logger.info("poe-openai: %s: no Poe key left", self.label)
+                    raise self.service.pool.exhausted() from None
+                logger.info(
+                    "poe-openai: %s: %s, trying %s", self.label, err.code, fingerprint(following)
+                )
+                key = following
+
     async def start(
-        self, queries: list[QueryRequest], make: Callable[[int, Any], ReplyRunner]
-    ) -> list[ReplyRunner]:
-        """One Poe query per choice, all begun; the status is decided by their first events."""
-        runners = [
-            make(i, self.service.poe.stream(q, self.bot, self.auth.poe_key))
+        self,
+        queries: list[QueryRequest],
+        make: Callable[[int, Any], ReplyRunner],
+        stream: bool,
+    ) -> None:
+        """One Poe query per choice. The status is decided by their first events; a stream
+        waits for them at most poe_header_hold_s, then commits 200 and keeps waiting."""
+        self._starting = [
+            asyncio.create_task(self._start_one(q, lambda events, i=i: make(i, events)))
             for i, q in enumerate(queries)
         ]
-        try:
-            await start_all(runners)
-        except PoeError as e:
-            raise self.failure(e, "before answering") from None
-        return runners
+        hold = self.service.settings.timeouts.header_hold if stream else None
+        done, pending = await asyncio.wait(
+            self._starting, timeout=hold, return_when=asyncio.FIRST_EXCEPTION
+        )
+        failed = [t for t in done if t.exception() is not None]
+        if failed:
+            await self.close()
+            raise failed[0].exception()  # type: ignore[misc]
+        if not pending:
+            self.runners = [t.result() for t in self._starting]
 
-    async def collect(self, runners: list[ReplyRunner]) -> None:
+    async def _started(self) -> list[ReplyRunner]:
+        if not self.runners:
+            self.runners = list(await asyncio.gather(*self._starting))
+        return self.runners
+
+    async def close(self) -> None:
+        for task in self._starting:
+            task.cancel()
+        await asyncio.gather(*self._starting, return_exceptions=True)
+        for task in self._starting:
+            if not task.cancelled() and task.exception() is None:
+                await task.result().aclose()
+
+    async def collect(self) -> None:
         try:
-            async for _ in merge(runners):
+            async for _ in merge(await self._started()):
                 pass
         except PoeError as e:
             raise self.failure(e, "while answering") from None
@@ -107,18 +181,24 @@ class Call:
                     yield chunk
             finally:
                 self.service.untrack(flow_id)
+                await self.close()
 
         return StreamingResponse(tracked(), media_type="text/event-stream", headers=SSE_HEADERS)
 
-    async def pieces(self, runners: list[ReplyRunner]) -> AsyncIterator[Piece | OpenAIError]:
-        """The stream's pieces; a failure after streaming began comes last, as an error."""
+    async def _pieces(self) -> AsyncIterator[Piece | OpenAIError]:
         try:
-            async for piece in merge(runners):
+            async for piece in merge(await self._started()):
                 yield piece
         except PoeError as e:
             yield self.failure(e, "mid-stream")
         except OpenAIError as e:
             yield e
+
+    async def pieces(self) -> AsyncIterator[Piece | OpenAIError | None]:
+        """The stream's pieces, None for a keep-alive while Poe is silent, and a failure after
+        streaming began as an OpenAIError, last."""
+        async for item in with_ticks(self._pieces(), self.service.settings.timeouts.keepalive):
+            yield item
 
 
 async def attach(
@@ -142,7 +222,7 @@ async def attach(
 async def chat_completions(service: Service, request: Request) -> Response:
     auth = service.authenticate(request)
     req = chat.parse_chat_request(
-        await json_body(request), service.model_map, service.settings.max_file_bytes
+        await service.json(request), service.model_map, service.settings.max_file_bytes
     )
     call = Call(service, auth, req.model, req.bot)
     counter = TokenCounter(req.model)
@@ -161,17 +241,18 @@ async def chat_completions(service: Service, request: Request) -> Response:
             stop=sampling.stop,
             max_tokens=sampling.max_tokens,
             json_mode=req.json_mode,
+            **runner_limits(service, req.bot),
         )
 
-    runners = await call.start([query] * sampling.n, make)
+    await call.start([query] * sampling.n, make, sampling.stream)
     prompt_tokens = counter.messages([m.content for m in query.query])
     completion_id = "chatcmpl-" + new_id()[:24]
     created = int(time.time())
 
     if not sampling.stream:
-        await call.collect(runners)
+        await call.collect()
         choices = [
-            chat.Choice(r.final_text, r.finish_reason or "stop", r.tool_calls) for r in runners
+            chat.Choice(r.final_text, r.finish_reason or "stop", r.tool_calls) for r in call.runners
         ]
         usage = chat.usage(prompt_tokens, sum(counter.count(c.text) for c in choices))
         call.done("answered")
@@ -180,9 +261,12 @@ async def chat_completions(service: Service, request: Request) -> Response:
     chunks = chat.ChunkFactory(completion_id, created, req.model, sampling.include_usage)
 
     async def body() -> AsyncIterator[bytes]:
-        for runner in runners:
-            yield sse(chunks.role(runner.index))
-        async for piece in call.pieces(runners):
+        for index in range(sampling.n):
+            yield sse(chunks.role(index))
+        async for piece in call.pieces():
+            if piece is None:
+                yield KEEPALIVE
+                continue
             if isinstance(piece, OpenAIError):
                 yield sse(piece.body())
                 return
@@ -193,7 +277,7 @@ async def chat_completions(service: Service, request: Request) -> Response:
             if piece.finish:
                 yield sse(chunks.finish(piece.finish, piece.index))
         if sampling.include_usage:
-            completion_tokens = sum(counter.count(r.text) for r in runners)
+            completion_tokens = sum(counter.count(r.text) for r in call.runners)
             yield sse(chunks.usage(chat.usage(prompt_tokens, completion_tokens)))
         yield SSE_DONE
         call.done("streamed")
@@ -206,7 +290,7 @@ async def chat_completions(service: Service, request: Request) -> Response:
 
 async def legacy_completions(service: Service, request: Request) -> Response:
     auth = service.authenticate(request)
-    req = completions.parse_completion_request(await json_body(request), service.model_map)
+    req = completions.parse_completion_request(await service.json(request), service.model_map)
     call = Call(service, auth, req.model, req.bot)
     counter = TokenCounter(req.model)
     sampling = req.sampling
@@ -218,10 +302,15 @@ async def legacy_completions(service: Service, request: Request) -> Response:
 
     def make(index: int, events: Any) -> ReplyRunner:
         return ReplyRunner(
-            index, events, counter, stop=sampling.stop, max_tokens=sampling.max_tokens
+            index,
+            events,
+            counter,
+            stop=sampling.stop,
+            max_tokens=sampling.max_tokens,
+            **runner_limits(service, req.bot),
         )
 
-    runners = await call.start(queries, make)
+    await call.start(queries, make, sampling.stream)
     prompts = [c[0].content for c in conversations]
     prompt_tokens = sum(counter.count(p) for p in req.prompts)
     completion_id = "cmpl-" + new_id()[:24]
@@ -231,7 +320,8 @@ async def legacy_completions(service: Service, request: Request) -> Response:
         return prompts[index] + text if req.echo else text
 
     if not sampling.stream:
-        await call.collect(runners)
+        await call.collect()
+        runners = call.runners
         choices = [(echoed(r.index, r.final_text), r.finish_reason or "stop") for r in runners]
         usage = chat.usage(prompt_tokens, sum(counter.count(r.final_text) for r in runners))
         call.done("answered")
@@ -246,16 +336,19 @@ async def legacy_completions(service: Service, request: Request) -> Response:
 
     async def body() -> AsyncIterator[bytes]:
         if req.echo:
-            for runner in runners:
-                yield chunk(runner.index, prompts[runner.index])
-        async for piece in call.pieces(runners):
+            for index, prompt in enumerate(prompts):
+                yield chunk(index, prompt)
+        async for piece in call.pieces():
+            if piece is None:
+                yield KEEPALIVE
+                continue
             if isinstance(piece, OpenAIError):
                 yield sse(piece.body())
                 return
             if piece.text or piece.finish:
                 yield chunk(piece.index, piece.text, piece.finish)
         if sampling.include_usage:
-            usage = chat.usage(prompt_tokens, sum(counter.count(r.text) for r in runners))
+            usage = chat.usage(prompt_tokens, sum(counter.count(r.text) for r in call.runners))
             yield sse(
                 {
                     "id": completion_id,
@@ -277,7 +370,7 @@ async def legacy_completions(service: Service, request: Request) -> Response:
 
 async def image_generations(service: Service, request: Request) -> Response:
     auth = service.authenticate(request)
-    req = images.parse_image_request(await json_body(request), service.model_map)
+    req = images.parse_image_request(await service.json(request), service.model_map)
     call = Call(service, auth, req.model, req.bot)
     message = ProtocolMessage(role="user", content=req.prompt)
     sampling = chat.Sampling(parameters=images.bot_parameters(req))
@@ -285,10 +378,13 @@ async def image_generations(service: Service, request: Request) -> Response:
         chat.ChatRequest(req.model, req.bot, [message], sampling=sampling), new_id
     )
     counter = TokenCounter(req.model)
-    runners = await call.start([query] * req.n, lambda i, events: ReplyRunner(i, events, counter))
-    await call.collect(runners)
+    limits = runner_limits(service, req.bot)
+    await call.start(
+        [query] * req.n, lambda i, events: ReplyRunner(i, events, counter, **limits), False
+    )
+    await call.collect()
     urls = []
-    for runner in runners:
+    for runner in call.runners:
         found = images.image_urls(runner.final_text)
         if not found:
             raise OpenAIError(
@@ -319,7 +415,7 @@ async def image_generations(service: Service, request: Request) -> Response:
 
 async def responses_create(service: Service, request: Request) -> Response:
     auth = service.authenticate(request)
-    body = await json_body(request)
+    body = await service.json(request)
     history: list[dict[str, Any]] = []
     previous = body.get("previous_response_id")
     if previous is not None:
@@ -347,16 +443,17 @@ async def responses_create(service: Service, request: Request) -> Response:
             stop=req.sampling.stop,
             max_tokens=req.sampling.max_tokens,
             json_mode=req.json_mode,
+            **runner_limits(service, req.bot),
         )
 
-    runners = await call.start([query], make)
+    await call.start([query], make, req.stream)
     prompt_tokens = counter.messages([m.content for m in query.query])
     builder = responses.ResponseBuilder(body, req.model, body.get("tools") or [])
 
     def feed(piece: Piece) -> list[dict[str, Any]]:
         events = builder.text(piece.text) + builder.tool_calls(piece.tool_calls)
         if piece.finish:
-            usage = chat.usage(prompt_tokens, counter.count(runners[0].text))
+            usage = chat.usage(prompt_tokens, counter.count(call.runners[0].text))
             events += builder.finish(piece.finish, usage)
             if builder.response["store"]:
                 service.responses.put(
@@ -366,7 +463,7 @@ async def responses_create(service: Service, request: Request) -> Response:
 
     if not req.stream:
         try:
-            async for piece in merge(runners):
+            async for piece in merge(await call._started()):
                 feed(piece)
         except PoeError as e:
             raise call.failure(e, "while answering") from None
@@ -376,7 +473,10 @@ async def responses_create(service: Service, request: Request) -> Response:
     async def events() -> AsyncIterator[bytes]:
         for event in builder.start():
             yield responses.sse_event(event)
-        async for piece in call.pieces(runners):
+        async for piece in call.pieces():
+            if piece is None:
+                yield KEEPALIVE
+                continue
             if isinstance(piece, OpenAIError):
                 for event in builder.fail(piece):
                     yield responses.sse_event(event)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import collections.abc
+import ipaddress
 import json
 import logging
 import secrets
@@ -24,6 +25,7 @@ if __package__ in (None, "") or __package__.startswith("__mitmproxy_script__"):
 
 from mitmproxy import ctx, exceptions, http
 from mitmproxy.addonmanager import Loader
+from mitmproxy.proxy.mode_specs import LocalMode, ProxyMode
 
 from addon import tokens
 from addon.app import FLOW_HEADER, ROUTE_HEADER, create_app
@@ -42,7 +44,7 @@ from addon.mappings import MappingError, ModelMap, load_mappings
 from addon.poe import PoeClient
 from addon.routing import is_answered
 from addon.server import LoopbackServer
-from addon.service import Service
+from addon.service import Service, body_too_large
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +59,13 @@ OPTION_NAMES = (
     "poe_upload_url",
     "poe_proxy",
     "poe_max_file_mb",
+    "poe_api_key_file",
+    "poe_max_body_mb",
+    "poe_first_event_timeout_s",
+    "poe_idle_timeout_s",
+    "poe_total_timeout_s",
+    "poe_header_hold_s",
+    "poe_keepalive_s",
 )
 
 
@@ -78,6 +87,48 @@ def redact(flow: http.HTTPFlow) -> None:
             headers[name] = f"{scheme} {tag}" if scheme else tag
     headers.pop(ROUTE_HEADER, None)
     headers.pop(FLOW_HEADER, None)
+
+
+def exposed_listeners() -> list[str]:
+    """The listeners that other machines can reach (not loopback, not local capture)."""
+    if "mode" not in ctx.options:
+        return []
+    exposed = []
+    for spec in ctx.options.mode:
+        try:
+            mode = ProxyMode.parse(spec)
+        except ValueError:
+            continue
+        if isinstance(mode, LocalMode):
+            continue  # captures this machine's own programs
+        host = mode.listen_host(ctx.options.listen_host) or "0.0.0.0"
+        try:
+            loopback = ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            loopback = host == "localhost"
+        if not loopback:
+            exposed.append(f"{spec} (listening on {host})")
+    return exposed
+
+
+def guard_open_relay(settings: Settings) -> None:
+    """A configured key + a reachable listener + no client auth = anyone spends your points."""
+    if not settings.api_keys or settings.access_tokens:
+        return
+    if "proxyauth" in ctx.options and ctx.options.proxyauth:
+        return
+    if ctx.options.poe_allow_open_relay:
+        return
+    exposed = exposed_listeners()
+    if exposed:
+        raise exceptions.OptionsError(
+            "Refusing to start an open relay: a Poe key is configured and "
+            f"{', '.join(exposed)} can be reached from other machines by anyone, with no "
+            "client auth. Do one of: listen on 127.0.0.1 (e.g. --mode regular@127.0.0.1:8080 or "
+            "--listen-host 127.0.0.1); set --set poe_access_tokens=<token> so clients must "
+            "present it; set mitmproxy's --set proxyauth=user:pass. To start anyway, "
+            "--set poe_allow_open_relay=true."
+        )
 
 
 class StoredStream:
@@ -156,6 +207,45 @@ class PoeOpenAI:
             "Largest picture or file (MB) accepted in a chat message; larger ones get a 413.",
         )
         loader.add_option(
+            "poe_api_key_file",
+            str,
+            "",
+            "File with Poe keys, one a line (keeps keys out of the process list).",
+        )
+        loader.add_option(
+            "poe_max_body_mb", int, 64, "Largest request body (MB); larger ones get a 413."
+        )
+        loader.add_option(
+            "poe_first_event_timeout_s",
+            int,
+            120,
+            "Seconds to wait for Poe's first event (504 before the answer starts).",
+        )
+        loader.add_option(
+            "poe_idle_timeout_s", int, 120, "Seconds Poe may stay silent between two events."
+        )
+        loader.add_option("poe_total_timeout_s", int, 900, "Seconds an answer may take in all.")
+        loader.add_option(
+            "poe_header_hold_s",
+            int,
+            10,
+            "Streams: seconds to hold the status line for Poe's first event; then 200 is "
+            "sent and SSE keep-alives follow while Poe is silent.",
+        )
+        loader.add_option(
+            "poe_keepalive_s",
+            int,
+            15,
+            "Streams: SSE keep-alive comment interval while Poe is silent.",
+        )
+        loader.add_option(
+            "poe_allow_open_relay",
+            bool,
+            False,
+            "Start even though a configured Poe key would be usable by anyone who can reach a "
+            "non-loopback listener (no poe_access_tokens, no proxyauth).",
+        )
+        loader.add_option(
             "poe_response_store_size",
             int,
             1000,
@@ -196,7 +286,8 @@ class PoeOpenAI:
             except (ConfigError, MappingError) as e:
                 raise exceptions.OptionsError(str(e)) from None
             self._apply(settings, model_map)
-        assert self.service is not None
+        assert self.service is not None and self.settings is not None
+        guard_open_relay(self.settings)
         self.service.responses.max_entries = ctx.options.poe_response_store_size
         self.service.responses.max_age_s = ctx.options.poe_response_store_minutes * 60
 
@@ -211,8 +302,7 @@ class PoeOpenAI:
                 route_token=self.route_token,
             )
             return
-        self.service.settings = settings
-        self.service.model_map = model_map
+        self.service.reconfigure(settings, model_map)
         endpoints = (settings.base_url, settings.proxy, settings.upload_url)
         if old is None or (old.base_url, old.proxy, old.upload_url) != endpoints:
             previous = self.service.poe
@@ -260,6 +350,14 @@ class PoeOpenAI:
         # Route here already, so that a request whose body streams (stream_large_bodies)
         # also goes to the loopback app and never to the real host.
         if flow.response is not None or not self._answers(flow):
+            return
+        assert self.settings is not None
+        size = flow.request.headers.get("content-length", "")
+        if size.isdigit() and int(size) > self.settings.max_body_bytes:
+            # Answer before mitmproxy reads (and buffers) a body this large.
+            flow.metadata.setdefault(METADATA_KEY, {"url": flow.request.pretty_url})
+            flow.response = error_response(body_too_large(self.settings.max_body_bytes))
+            redact(flow)
             return
         try:
             self._route(flow)

@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from addon.chat import ChatReply
-from addon.errors import OpenAIError
+from addon.config import Timeouts
+from addon.errors import OpenAIError, PoeFailure
 from addon.limits import StopFilter, TokenLimit, clean_json
 from addon.poe import PoeError, PoeEvent
 from addon.tokens import TokenCounter
@@ -50,9 +51,15 @@ class ReplyRunner:
         stop: list[str] | None = None,
         max_tokens: int | None = None,
         json_mode: bool = False,
+        timeouts: Timeouts | None = None,
+        bot: str = "",
     ) -> None:
         self.index = index
         self.events = events
+        self.bot = bot
+        self.timeouts = timeouts or Timeouts()
+        self.deadline = asyncio.get_running_loop().time() + self.timeouts.total
+        self.key = ""  # the Poe key that answers (set by whoever starts the runner)
         self.reply = ChatReply(parallel_tool_calls)
         self.stop = StopFilter(stop or [])
         self.limit = TokenLimit(counter, max_tokens)
@@ -78,9 +85,22 @@ class ReplyRunner:
     def _feed(self, event: PoeEvent) -> Piece | None:
         return self._piece(*self.reply.feed(event.kind, event.text, event.attachment, event.data))
 
+    async def _next(self, first: bool) -> PoeEvent | None:
+        """Poe's next event, or None at the end; PoeError when Poe is silent too long."""
+        limit = self.timeouts.first_event if first else self.timeouts.idle
+        remaining = self.deadline - asyncio.get_running_loop().time()
+        kind = "total" if remaining <= limit else "first event" if first else "idle"
+        try:
+            async with asyncio.timeout(max(0.0, min(limit, remaining))):
+                return await anext(self.events)
+        except StopAsyncIteration:
+            return None
+        except TimeoutError:
+            raise PoeError(PoeFailure(self.bot, timeout=kind)) from None
+
     async def first(self) -> None:
         """Wait for Poe's first event that says something: it decides the HTTP status."""
-        async for event in self.events:
+        while (event := await self._next(first=True)) is not None:
             if event.kind != "meta":
                 piece = self._feed(event)
                 if piece is not None:
@@ -95,7 +115,7 @@ class ReplyRunner:
         self._pending.clear()
         try:
             if not self.cut:
-                async for event in self.events:
+                while (event := await self._next(first=False)) is not None:
                     piece = self._feed(event)
                     if piece is not None:
                         yield piece
@@ -148,18 +168,6 @@ class ReplyRunner:
             await self.events.aclose()  # type: ignore[attr-defined]
 
 
-async def start_all(runners: list[ReplyRunner]) -> None:
-    """Every choice's first event, at once; the first failure fails them all."""
-    if len(runners) == 1:
-        await runners[0].first()
-        return
-    results = await asyncio.gather(*(r.first() for r in runners), return_exceptions=True)
-    failures = [r for r in results if isinstance(r, BaseException)]
-    if failures:
-        await asyncio.gather(*(r.aclose() for r in runners))
-        raise failures[0]
-
-
 async def merge(runners: list[ReplyRunner]) -> AsyncIterator[Piece]:
     """The pieces of all choices as they come (interleaved by index when n > 1)."""
     if len(runners) == 1:  # the common case, without tasks or queues
@@ -192,3 +200,29 @@ async def merge(runners: list[ReplyRunner]) -> AsyncIterator[Piece]:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def with_ticks(source: AsyncIterator[Any], interval: float) -> AsyncIterator[Any]:
+    """``source``'s items, and None whenever ``interval`` seconds pass without one (a stream
+    sends a keep-alive then). The pending item is never cancelled by a tick."""
+    iterator = aiter(source)
+    pending: asyncio.Task[Any] | None = None
+    try:
+        while True:
+            if pending is None:
+                pending = asyncio.ensure_future(anext(iterator))
+            done, _ = await asyncio.wait({pending}, timeout=interval)
+            if not done:
+                yield None
+                continue
+            task, pending = pending, None
+            try:
+                item = task.result()
+            except StopAsyncIteration:
+                return
+            yield item
+    finally:
+        if pending is not None:
+            pending.cancel()
+            with contextlib.suppress(BaseException):
+                await pending

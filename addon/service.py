@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import itertools
 import json
 import secrets
 from dataclasses import dataclass, field
@@ -16,6 +15,7 @@ from starlette.responses import JSONResponse
 
 from addon.config import Settings
 from addon.errors import OpenAIError, bad_request, invalid_api_key
+from addon.keys import KeyPool
 from addon.mappings import ModelMap
 from addon.poe import PoeClient
 from addon.responses import ResponseStore
@@ -39,8 +39,20 @@ class Service:
     poe: PoeClient
     route_token: str | None = None  # when set, only requests carrying it are served
     responses: ResponseStore = field(default_factory=ResponseStore)
-    _turn: itertools.count[int] = field(default_factory=itertools.count)
     running: dict[str, asyncio.Task[Any]] = field(default_factory=dict)
+    pool: KeyPool = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.pool = KeyPool(self.settings.api_keys)
+
+    def reconfigure(self, settings: Settings, model_map: ModelMap) -> None:
+        if settings.api_keys != self.settings.api_keys:
+            self.pool = KeyPool(settings.api_keys)
+        self.settings = settings
+        self.model_map = model_map
+
+    async def json(self, request: Request) -> dict[str, Any]:
+        return await json_body(request, self.settings.max_body_bytes)
 
     def authenticate(self, request: Request) -> Auth:
         presented = client_key(request)
@@ -58,7 +70,10 @@ class Service:
             if presented is None:
                 raise missing_key()
             return Auth(presented, client_key=True)
-        return Auth(keys[next(self._turn) % len(keys)], client_key=False)
+        key = self.pool.pick()
+        if key is None:
+            raise self.pool.exhausted()
+        return Auth(key, client_key=False)
 
     def track(self, flow_id: str | None) -> None:
         """Remember the task answering a flow, so a client that leaves can cancel it."""
@@ -106,10 +121,20 @@ def new_id() -> str:
     return secrets.token_hex(16)
 
 
-async def json_body(request: Request) -> dict[str, Any]:
+def body_too_large(limit: int) -> OpenAIError:
+    return OpenAIError(
+        413,
+        f"The request body is larger than this proxy accepts ({limit // (1024 * 1024)} MB; "
+        "see poe_max_body_mb).",
+        "invalid_request_error",
+        "request_too_large",
+    )
+
+
+async def json_body(request: Request, limit: int = MAX_BODY) -> dict[str, Any]:
     raw = await request.body()
-    if len(raw) > MAX_BODY:
-        raise OpenAIError(413, "The request body is too large.", "invalid_request_error")
+    if len(raw) > limit:
+        raise body_too_large(limit)
     if not raw.strip():
         raise bad_request("The request body is empty; send a JSON object.")
     try:

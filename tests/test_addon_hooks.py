@@ -23,14 +23,16 @@ def openai_flow(host: str = "api.openai.com") -> object:
 def test_configure_forces_lazy_connections() -> None:
     addon = PoeOpenAI()
     with taddons.context(Proxyserver(), addon) as tctx:
-        tctx.configure(addon, connection_strategy="eager", poe_api_key="k")
+        tctx.configure(
+            addon, connection_strategy="eager", poe_api_key="k", mode=["regular@127.0.0.1:8080"]
+        )
         assert tctx.options.connection_strategy == "lazy"
 
 
 def test_fails_closed_when_the_app_cannot_be_reached() -> None:
     addon = PoeOpenAI()
     with taddons.context(addon) as tctx:
-        tctx.configure(addon, poe_api_key="k")
+        tctx.configure(addon, poe_api_key="k", mode=["regular@127.0.0.1:8080"])
         flow = openai_flow()
         addon.requestheaders(flow)  # no loopback server running: routing fails
         assert flow.response is not None and flow.response.status_code == 500
@@ -42,7 +44,7 @@ def test_fails_closed_when_the_app_cannot_be_reached() -> None:
 def test_other_hosts_are_left_alone() -> None:
     addon = PoeOpenAI()
     with taddons.context(addon) as tctx:
-        tctx.configure(addon, poe_api_key="k")
+        tctx.configure(addon, poe_api_key="k", mode=["regular@127.0.0.1:8080"])
         flow = openai_flow("example.com")
         addon.requestheaders(flow)
         assert flow.response is None
@@ -56,3 +58,25 @@ def test_redact_keeps_only_a_fingerprint() -> None:
     redact(flow)
     assert flow.request.headers["authorization"].startswith("Bearer [redacted key#")
     assert "azure-style-secret" not in str(flow.request.headers)
+
+
+def test_open_relay_guard() -> None:
+    import pytest
+    from mitmproxy import exceptions
+    from mitmproxy.addons.proxyauth import ProxyAuth
+
+    addon = PoeOpenAI()
+    with taddons.context(Proxyserver(), ProxyAuth(), addon) as tctx:
+        # pass-through (no configured key) is not a relay, whatever the listener
+        tctx.configure(addon, mode=["regular"])
+        with pytest.raises(exceptions.OptionsError) as info:
+            tctx.configure(addon, poe_api_key="k")
+        message = str(info.value)
+        for way_out in ("127.0.0.1", "poe_access_tokens", "proxyauth", "poe_allow_open_relay"):
+            assert way_out in message
+        tctx.configure(addon, poe_api_key="k", poe_access_tokens=["t"])
+        tctx.configure(addon, poe_access_tokens=[], proxyauth="u:p")
+        tctx.configure(addon, proxyauth="", mode=["regular@127.0.0.1:8080", "local"])
+        tctx.configure(
+            addon, mode=["reverse:https://api.openai.com@0.0.0.0:8000"], poe_allow_open_relay=True
+        )

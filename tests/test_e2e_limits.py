@@ -119,13 +119,14 @@ def test_n_choices_streamed_interleave_by_index(
 
 
 def test_n_with_one_failing_choice_fails_the_request(
-    proxy: Mitmdump, fake_poe: FakePoe, bot: str
+    proxy_passthrough: Mitmdump, fake_poe: FakePoe, bot: str
 ) -> None:
     from fake_poe import http_error
 
     fake_poe.script_sequence(bot, [[text("fine")], [http_error(429, {"detail": "slow"})]])
+    client = proxy_passthrough.reverse_client(api_key="poe-second-key")
     with pytest.raises(openai.RateLimitError):
-        proxy.reverse_client().chat.completions.create(model=bot, messages=USER, n=2)
+        client.chat.completions.create(model=bot, messages=USER, n=2)
 
 
 # --- JSON mode ---------------------------------------------------------------------------------
