@@ -55,6 +55,7 @@ class AnswerStream:
         self._replaced = False  # did a replacement happen since the last commit?
         self._replaced_len = 0
         self._cursor = 0  # answer[:cursor] is accounted for on the client side
+        self.files: list[Attachment] = []  # files the bot returned (Poe's own URLs)
 
     def text(self, text: str) -> str:
         self.answer += text
@@ -80,6 +81,7 @@ class AnswerStream:
         return delta
 
     def file(self, attachment: Attachment) -> str:
+        self.files.append(attachment)
         link = attachment_markdown(attachment)
         if self.answer and not self.answer.endswith("\n"):
             link = "\n\n" + link

@@ -6,7 +6,7 @@ it can also run alone under any ASGI server. The endpoints live in handlers.py.
 
 from __future__ import annotations
 
-import hmac
+import asyncio
 import logging
 import re
 from collections.abc import Awaitable, Callable
@@ -20,14 +20,11 @@ from starlette.routing import Route
 
 from addon import handlers
 from addon.errors import OpenAIError, internal_error, not_found
-from addon.handlers import FLOW_HEADER
-from addon.service import Service, error_response
+from addon.service import FLOW_HEADER, Service, error_response
 
 logger = logging.getLogger(__name__)
 
-# The mitmproxy addon adds this header to the requests it routes here.
-ROUTE_HEADER = "x-poe-openai-route"
-__all__ = ["FLOW_HEADER", "ROUTE_HEADER", "Service", "create_app"]
+__all__ = ["FLOW_HEADER", "Service", "create_app"]
 
 Handler = Callable[[Service, Request], Awaitable[Response]]
 
@@ -60,23 +57,34 @@ def create_app(service: Service) -> Starlette:
         """Guarded, and every failure answered in OpenAI's shape, never as a traceback."""
 
         async def run(request: Request) -> Response:
-            try:
-                token = service.route_token
-                if token is not None and not hmac.compare_digest(
-                    request.headers.get(ROUTE_HEADER, ""), token
-                ):
-                    raise OpenAIError(
+            flow_id = request.headers.get(FLOW_HEADER)
+            if not service.admits(request):
+                return error_response(
+                    OpenAIError(
                         403,
                         "This port only serves requests routed by the Poe addon.",
                         "invalid_request_error",
                         "forbidden",
                     )
+                )
+            service.track(flow_id)  # a client that leaves cancels this task
+            try:
                 return await handler(service, request)
             except OpenAIError as e:
                 return error_response(e)
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if flow_id in service.gone and task is not None and task.uncancel() == 0:
+                    logger.info("poe-openai: client left; Poe query dropped")
+                    return Response(status_code=499)  # nobody is listening any more
+                raise
             except Exception:
                 logger.exception("poe-openai: internal error on %s", request.url.path)
                 return error_response(internal_error())
+            finally:
+                service.untrack(flow_id)
+                if flow_id is not None:
+                    service.routed.pop(flow_id, None)
 
         return run
 

@@ -192,4 +192,5 @@ def _key_file(path: str) -> list[str]:
 
 def fingerprint(secret: str) -> str:
     """A short, non-reversible tag that tells keys apart in logs ("key#3fa2c1")."""
-    return "key#" + hashlib.sha256(secret.encode()).hexdigest()[:6]
+    # surrogateescape: header values with odd bytes must not make redaction fail
+    return "key#" + hashlib.sha256(secret.encode("utf-8", "surrogateescape")).hexdigest()[:6]

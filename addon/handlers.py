@@ -20,13 +20,12 @@ from addon.errors import OpenAIError, PoeFailure, classify_failure, not_found
 from addon.keys import DEFAULT_COOLDOWN_S, OUT_OF_POINTS_COOLDOWN_S, retry_after_seconds
 from addon.poe import PoeError
 from addon.runner import Piece, ReplyRunner, merge, with_ticks
-from addon.service import SSE_DONE, Auth, Service, new_id, sse
+from addon.service import FLOW_HEADER, SSE_DONE, Auth, Service, new_id, sse
 from addon.tokens import TokenCounter
 
 logger = logging.getLogger(__name__)
 
 MODEL_CREATED = 1_700_000_000  # a fixed date: Poe does not say when a bot was made
-FLOW_HEADER = "x-poe-openai-flow"
 SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 KEEPALIVE = b": keep-alive\n\n"  # an SSE comment: clients ignore it, middleboxes see traffic
 
@@ -40,13 +39,13 @@ def model_object(name: str) -> dict[str, Any]:
 
 
 async def list_models(service: Service, request: Request) -> Response:
-    service.authenticate(request)
+    service.authenticate(request, need_key=False)
     data = [model_object(name) for name in service.model_map.models]
     return JSONResponse({"object": "list", "data": data})
 
 
 async def get_model(service: Service, request: Request) -> Response:
-    service.authenticate(request)
+    service.authenticate(request, need_key=False)
     name = request.path_params["model"]
     if not service.model_map.is_mapped(name):
         raise not_found(
@@ -90,7 +89,8 @@ class Call:
                 wait = retry_after_seconds(failure.retry_after) or DEFAULT_COOLDOWN_S
                 pool.cool(key, wait, "rate-limited")
         elif err.code == "insufficient_quota":
-            pool.cool(key, OUT_OF_POINTS_COOLDOWN_S, "out of points")
+            if failure.status == 402:  # the account's points (an in-band one may be the bot's)
+                pool.cool(key, OUT_OF_POINTS_COOLDOWN_S, "out of points")
         elif err.code == "poe_key_rejected":
             pool.reject(key)
         else:
@@ -139,9 +139,13 @@ class Call:
             for i, q in enumerate(queries)
         ]
         hold = self.service.settings.timeouts.header_hold if stream else None
-        done, pending = await asyncio.wait(
-            self._starting, timeout=hold, return_when=asyncio.FIRST_EXCEPTION
-        )
+        try:
+            done, pending = await asyncio.wait(
+                self._starting, timeout=hold, return_when=asyncio.FIRST_EXCEPTION
+            )
+        except BaseException:  # cancelled: the client left; the queries go too
+            await self.close()
+            raise
         failed = [t for t in done if t.exception() is not None]
         if failed:
             await self.close()
@@ -231,6 +235,11 @@ async def chat_completions(service: Service, request: Request) -> Response:
     except PoeError as e:
         raise call.failure(e, "uploading") from None
     sampling = req.sampling
+    # Each choice is a query of its own, with its own ids.
+    queries = [query] + [
+        query.model_copy(update={"message_id": new_id(), "conversation_id": new_id()})
+        for _ in range(sampling.n - 1)
+    ]
 
     def make(index: int, events: Any) -> ReplyRunner:
         return ReplyRunner(
@@ -244,7 +253,7 @@ async def chat_completions(service: Service, request: Request) -> Response:
             **runner_limits(service, req.bot),
         )
 
-    await call.start([query] * sampling.n, make, sampling.stream)
+    await call.start(queries, make, sampling.stream)
     prompt_tokens = counter.messages([m.content for m in query.query])
     completion_id = "chatcmpl-" + new_id()[:24]
     created = int(time.time())
@@ -368,6 +377,16 @@ async def legacy_completions(service: Service, request: Request) -> Response:
 # --- images ------------------------------------------------------------------------------------
 
 
+def no_image(bot: str, answer: str) -> OpenAIError:
+    return OpenAIError(
+        502,
+        f"The bot `{bot}` answered without an image file: {answer[:200]!r}. Use an image bot "
+        "(e.g. dall-e-3, FLUX-pro-1.1).",
+        "server_error",
+        "no_image",
+    )
+
+
 async def image_generations(service: Service, request: Request) -> Response:
     auth = service.authenticate(request)
     req = images.parse_image_request(await service.json(request), service.model_map)
@@ -383,27 +402,28 @@ async def image_generations(service: Service, request: Request) -> Response:
         [query] * req.n, lambda i, events: ReplyRunner(i, events, counter, **limits), False
     )
     await call.collect()
-    urls = []
+    items: list[dict[str, str]] = []
     for runner in call.runners:
-        found = images.image_urls(runner.final_text)
-        if not found:
-            raise OpenAIError(
-                502,
-                f"The bot `{req.bot}` answered without an image: {runner.final_text[:200]!r}. "
-                "Use an image bot (e.g. dall-e-3, FLUX-pro-1.1).",
-                "server_error",
-                "no_image",
-            )
-        urls.append(found[0])
-    items: list[dict[str, str]]
-    if req.response_format == "b64_json":
-        try:
-            blobs = await asyncio.gather(*(service.poe.download(u) for u in urls))
-        except PoeError as e:
-            raise call.failure(e, "fetching the image") from None
-        items = [{"b64_json": base64.b64encode(b).decode()} for b in blobs]
-    else:
-        items = [{"url": u} for u in urls]
+        if req.response_format == "b64_json":
+            # Only files Poe itself returned are fetched, never a link found in the bot's
+            # text (which a prompt could point anywhere).
+            files = [
+                f.url
+                for f in runner.reply.answer.files
+                if (f.content_type or "").startswith("image/")
+            ]
+            if not files:
+                raise no_image(req.bot, runner.final_text)
+            try:
+                data = await service.poe.download(files[0])
+            except PoeError as e:
+                raise call.failure(e, "fetching the image") from None
+            items.append({"b64_json": base64.b64encode(data).decode()})
+        else:
+            urls = images.image_urls(runner.final_text)
+            if not urls:
+                raise no_image(req.bot, runner.final_text)
+            items.append({"url": urls[0]})
     for item in items:
         item["revised_prompt"] = req.prompt
     call.done("drew")
@@ -462,11 +482,16 @@ async def responses_create(service: Service, request: Request) -> Response:
         return events
 
     if not req.stream:
+        deltas: list[dict[str, Any]] = []
+        finish = "stop"
         try:
             async for piece in merge(await call._started()):
-                feed(piece)
+                deltas += piece.tool_calls
+                finish = piece.finish or finish
         except PoeError as e:
             raise call.failure(e, "while answering") from None
+        # Poe's final text (a stream can only give what it already sent; this need not)
+        feed(Piece(0, call.runners[0].final_text, deltas, finish))
         call.done("answered")
         return JSONResponse(builder.response)
 
@@ -489,7 +514,7 @@ async def responses_create(service: Service, request: Request) -> Response:
 
 
 async def responses_get(service: Service, request: Request) -> Response:
-    service.authenticate(request)
+    service.authenticate(request, need_key=False)
     response_id = request.path_params["response_id"]
     stored = service.responses.get(response_id)
     if stored is None:
@@ -498,7 +523,7 @@ async def responses_get(service: Service, request: Request) -> Response:
 
 
 async def responses_delete(service: Service, request: Request) -> Response:
-    service.authenticate(request)
+    service.authenticate(request, need_key=False)
     response_id = request.path_params["response_id"]
     if not service.responses.delete(response_id):
         raise responses.unknown_response(response_id)

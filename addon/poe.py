@@ -252,6 +252,8 @@ class PoeClient:
 
     async def download(self, url: str) -> bytes:
         """Fetch a file a bot produced (Poe's own CDN), for answers that want bytes."""
+        if not url.startswith(("https://", "http://")):
+            raise PoeError(PoeFailure(url, transport="the bot's file has no http(s) URL"))
         try:
             async with self.session.stream("GET", url) as response:
                 if response.status_code >= 400:

@@ -14,7 +14,6 @@ import collections.abc
 import ipaddress
 import json
 import logging
-import secrets
 import sys
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,7 @@ from mitmproxy.addonmanager import Loader
 from mitmproxy.proxy.mode_specs import LocalMode, ProxyMode
 
 from addon import tokens
-from addon.app import FLOW_HEADER, ROUTE_HEADER, create_app
+from addon.app import FLOW_HEADER, create_app
 from addon.config import (
     DEFAULT_BASE_URL,
     DEFAULT_HOSTS,
@@ -70,23 +69,36 @@ OPTION_NAMES = (
 
 
 def error_response(error: OpenAIError) -> http.Response:
-    headers = {"content-type": "application/json", **error.headers}
+    # CORS too: browser front ends otherwise see these as network errors
+    headers = {
+        "content-type": "application/json",
+        "access-control-allow-origin": "*",
+        **error.headers,
+    }
     return http.Response.make(error.status, json.dumps(error.body()), headers)
 
 
-def redact(flow: http.HTTPFlow) -> None:
-    """Keep keys and tokens out of what mitmproxy shows and saves (-w): fingerprints only."""
+def take_secrets(flow: http.HTTPFlow) -> dict[str, str]:
+    """Take keys and tokens off the flow, leaving fingerprints: what mitmproxy shows, saves
+    (-w) or sends on to the loopback app never holds a secret. Returns the originals."""
+    taken: dict[str, str] = {}
     headers = flow.request.headers
     for name in SECRET_HEADERS:
         value = headers.get(name)
-        if value:
-            scheme, _, secret = value.partition(" ")
-            if not secret:
-                scheme, secret = "", scheme
-            tag = f"[redacted {fingerprint(secret.strip())}]"
-            headers[name] = f"{scheme} {tag}" if scheme else tag
-    headers.pop(ROUTE_HEADER, None)
-    headers.pop(FLOW_HEADER, None)
+        if not value or "[redacted " in value:
+            continue
+        taken[name] = value
+        scheme, _, secret = value.partition(" ")
+        if not secret:
+            scheme, secret = "", scheme
+        tag = f"[redacted {fingerprint(secret.strip())}]"
+        headers[name] = f"{scheme} {tag}" if scheme else tag
+    return taken
+
+
+def redact(flow: http.HTTPFlow) -> None:
+    take_secrets(flow)
+    flow.request.headers.pop(FLOW_HEADER, None)
 
 
 def exposed_listeners() -> list[str]:
@@ -161,7 +173,6 @@ class PoeOpenAI:
         self.settings: Settings | None = None
         self.service: Service | None = None
         self.server: LoopbackServer | None = None
-        self.route_token = secrets.token_urlsafe(24)
 
     def load(self, loader: Loader) -> None:
         loader.add_option(
@@ -299,7 +310,7 @@ class PoeOpenAI:
                 settings,
                 model_map,
                 PoeClient(settings.base_url, settings.proxy, settings.upload_url),
-                route_token=self.route_token,
+                routed_only=True,
             )
             return
         self.service.reconfigure(settings, model_map)
@@ -307,7 +318,8 @@ class PoeOpenAI:
         if old is None or (old.base_url, old.proxy, old.upload_url) != endpoints:
             previous = self.service.poe
             self.service.poe = PoeClient(*endpoints)
-            _close_later(previous)
+            # Answers still streaming use the old client: close it once they must be over.
+            _close_later(previous, settings.timeouts.total + 60)
 
     def running(self) -> None:
         assert self.service is not None and self.settings is not None
@@ -360,6 +372,9 @@ class PoeOpenAI:
             redact(flow)
             return
         try:
+            secrets = take_secrets(flow)
+            assert self.service is not None
+            self.service.routed[flow.id] = secrets
             self._route(flow)
         except Exception:
             logger.exception("poe-openai: could not route %s", flow.request.pretty_url)
@@ -388,7 +403,6 @@ class PoeOpenAI:
         flow.request.scheme = "http"
         flow.request.host = self.server.host
         flow.request.port = self.server.port
-        flow.request.headers[ROUTE_HEADER] = self.route_token
         flow.request.headers[FLOW_HEADER] = flow.id
         # In upstream mode the connection would otherwise go through the upstream proxy.
         flow.server_conn.via = None
@@ -408,6 +422,8 @@ class PoeOpenAI:
         meta = flow.metadata.get(METADATA_KEY)
         if meta is None:
             return
+        if self.service is not None:
+            self.service.routed.pop(flow.id, None)
         # The client went away (or the stream was reset): stop the Poe query now.
         if self.service is not None and self.service.cancel(flow.id):
             logger.info("poe-openai: client left, Poe query for %s cancelled", meta["url"])
@@ -415,12 +431,17 @@ class PoeOpenAI:
         redact(flow)
 
 
-def _close_later(client: PoeClient) -> None:
+def _close_later(client: PoeClient, delay: float = 0) -> None:
     try:
         loop = asyncio.get_running_loop()
     except RuntimeError:
         return
-    task = loop.create_task(client.aclose())
+
+    async def close() -> None:
+        await asyncio.sleep(delay)
+        await client.aclose()
+
+    task = loop.create_task(close())
     _background.add(task)
     task.add_done_callback(_background.discard)
 

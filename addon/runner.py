@@ -129,7 +129,7 @@ class ReplyRunner:
         finally:
             await self.aclose()
         tail = self._finish_text()
-        if self.json_mode:
+        if self.json_mode and (self.text.strip() or not self.tool_calls):
             cleaned = clean_json(self.text)
             if cleaned is None and not self.limit.reached:
                 raise invalid_json(self.text)

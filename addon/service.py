@@ -7,6 +7,7 @@ import asyncio
 import hmac
 import json
 import secrets
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +22,8 @@ from addon.poe import PoeClient
 from addon.responses import ResponseStore
 
 MAX_BODY = 64 * 1024 * 1024
+# The mitmproxy addon tags each request it routes to the app with its flow id.
+FLOW_HEADER = "x-poe-openai-flow"
 SSE_DONE = b"data: [DONE]\n\n"
 
 
@@ -37,9 +40,13 @@ class Service:
     settings: Settings
     model_map: ModelMap
     poe: PoeClient
-    route_token: str | None = None  # when set, only requests carrying it are served
+    # Behind mitmproxy: only flows the addon routed here are served, and their keys never
+    # travel on the flow: the addon keeps them here, by flow id, until the request takes them.
+    routed_only: bool = False
+    routed: dict[str, dict[str, str]] = field(default_factory=dict)
     responses: ResponseStore = field(default_factory=ResponseStore)
     running: dict[str, asyncio.Task[Any]] = field(default_factory=dict)
+    gone: set[str] = field(default_factory=set)  # flows whose client left
     pool: KeyPool = field(init=False)
 
     def __post_init__(self) -> None:
@@ -54,26 +61,42 @@ class Service:
     async def json(self, request: Request) -> dict[str, Any]:
         return await json_body(request, self.settings.max_body_bytes)
 
-    def authenticate(self, request: Request) -> Auth:
-        presented = client_key(request)
-        keys = self.settings.api_keys
+    def authenticate(self, request: Request, need_key: bool = True) -> Auth:
+        """Check the client's key or token; pick the Poe key (unless ``need_key`` is False:
+        listing models spends nothing, so it needs no Poe key)."""
+        presented = client_key(self.secret_headers(request))
         if self.settings.access_tokens:
             if presented is None:
                 raise missing_key()
             # Compare against every token, in constant time, so timing tells nothing.
-            matches = [hmac.compare_digest(presented, t) for t in self.settings.access_tokens]
+            given = presented.encode("utf-8", "surrogateescape")
+            matches = [
+                hmac.compare_digest(given, t.encode("utf-8", "surrogateescape"))
+                for t in self.settings.access_tokens
+            ]
             if not any(matches):
                 raise invalid_api_key(
                     "Incorrect API key provided: this proxy expects one of its access tokens."
                 )
-        elif not keys:
+        elif not self.settings.api_keys:
             if presented is None:
                 raise missing_key()
             return Auth(presented, client_key=True)
+        if not need_key:
+            return Auth("", client_key=False)
         key = self.pool.pick()
         if key is None:
             raise self.pool.exhausted()
         return Auth(key, client_key=False)
+
+    def secret_headers(self, request: Request) -> Mapping[str, str]:
+        flow_id = request.headers.get(FLOW_HEADER)
+        if flow_id is not None and flow_id in self.routed:
+            return self.routed[flow_id]
+        return request.headers
+
+    def admits(self, request: Request) -> bool:
+        return not self.routed_only or request.headers.get(FLOW_HEADER, "") in self.routed
 
     def track(self, flow_id: str | None) -> None:
         """Remember the task answering a flow, so a client that leaves can cancel it."""
@@ -82,25 +105,30 @@ class Service:
             self.running[flow_id] = task
 
     def untrack(self, flow_id: str | None) -> None:
-        if flow_id:
-            self.running.pop(flow_id, None)
+        if not flow_id:
+            return
+        if self.running.get(flow_id) is asyncio.current_task():
+            del self.running[flow_id]
+        self.gone.discard(flow_id)
 
     def cancel(self, flow_id: str) -> bool:
         """Stop the Poe query of a flow whose client went away."""
+        self.routed.pop(flow_id, None)
         task = self.running.pop(flow_id, None)
         if task is None or task.done():
             return False
+        self.gone.add(flow_id)
         task.cancel()
         return True
 
 
-def client_key(request: Request) -> str | None:
-    header = request.headers.get("authorization", "")
+def client_key(headers: Mapping[str, str]) -> str | None:
+    header = headers.get("authorization", "")
     scheme, _, value = header.partition(" ")
     if scheme.lower() == "bearer" and value.strip():
         return value.strip()
-    api_key = request.headers.get("api-key", "").strip()  # Azure-style clients
-    return api_key or None
+    api_key = headers.get("api-key", "").strip() or headers.get("x-api-key", "").strip()
+    return api_key or None  # Azure-style and Anthropic-style clients
 
 
 def missing_key() -> OpenAIError:

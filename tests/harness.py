@@ -20,7 +20,7 @@ import openai
 
 REPO = Path(__file__).resolve().parent.parent
 MITMDUMP = Path(sys.executable).parent / "mitmdump"
-LISTENING = re.compile(r"(reverse proxy to \S+|HTTP\(S\) proxy) listening at 127\.0\.0\.1:(\d+)")
+LISTENING = re.compile(r"(reverse proxy to \S+|HTTP\(S\) proxy) listening at ([\d.*]+):(\d+)")
 
 
 def free_port() -> int:
@@ -49,6 +49,7 @@ class Mitmdump:
         self.reverse_port = free_port() if reverse else None
         self.proxy_port = free_port() if regular else None
         self.lines: list[str] = []
+        self.wanted_listeners = sum(1 for p in (self.reverse_port, self.proxy_port) if p)
         self.proc: subprocess.Popen[str] | None = None
         self._reader: threading.Thread | None = None
 
@@ -80,7 +81,7 @@ class Mitmdump:
         )
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
-        wanted = sum(1 for p in (self.reverse_port, self.proxy_port) if p)
+        wanted = self.wanted_listeners
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if len(LISTENING.findall(self.output)) >= wanted and "poe-openai: answering" in (
@@ -162,9 +163,9 @@ class Mitmdump:
 
     def http(self, **kwargs: object) -> httpx.Client:
         """A raw HTTP client for the reverse listener."""
+        kwargs.setdefault("timeout", 30)
         return httpx.Client(
             base_url=f"http://127.0.0.1:{self.reverse_port}",
             trust_env=False,
-            timeout=30,
             **kwargs,  # type: ignore[arg-type]
         )
