@@ -69,16 +69,19 @@ def create_app(service: Service) -> Starlette:
                 )
             service.track(flow_id)  # a client that leaves cancels this task
             try:
-                return await handler(service, request)
+                response = await handler(service, request)
+                service.stats[f"{response.status_code} {request.url.path.removeprefix('/v1')}"] += 1
+                return response
             except OpenAIError as e:
+                service.stats[f"{e.status} {e.code or e.type}"] += 1
                 return error_response(e)
             except asyncio.CancelledError:
                 task = asyncio.current_task()
                 if flow_id in service.gone and task is not None and task.uncancel() == 0:
-                    logger.info("poe-openai: client left; Poe query dropped")
                     return Response(status_code=499)  # nobody is listening any more
                 raise
             except Exception:
+                service.stats["500 internal"] += 1
                 logger.exception("poe-openai: internal error on %s", request.url.path)
                 return error_response(internal_error())
             finally:

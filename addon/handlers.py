@@ -74,6 +74,8 @@ class Call:
 
     def failure(self, e: PoeError, when: str) -> OpenAIError:
         err = classify_failure(e.failure, client_key=self.auth.client_key)
+        if when == "mid-stream":  # the others are counted with their HTTP status
+            self.service.stats[f"stream error {err.code}"] += 1
         logger.info("poe-openai: %s failed %s: %s", self.label, when, err)
         return err
 

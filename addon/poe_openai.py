@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import collections.abc
+import contextlib
 import ipaddress
 import json
 import logging
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -22,7 +24,7 @@ if __package__ in (None, "") or __package__.startswith("__mitmproxy_script__"):
     # Loaded by `mitmdump -s addon/poe_openai.py`: make the `addon` package importable.
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mitmproxy import ctx, exceptions, http
+from mitmproxy import command, ctx, exceptions, http
 from mitmproxy.addonmanager import Loader
 from mitmproxy.proxy.mode_specs import LocalMode, ProxyMode
 
@@ -44,6 +46,7 @@ from addon.poe import PoeClient
 from addon.routing import is_answered
 from addon.server import LoopbackServer
 from addon.service import Service, body_too_large
+from addon.status import status as status_report
 
 logger = logging.getLogger(__name__)
 
@@ -173,6 +176,7 @@ class PoeOpenAI:
         self.settings: Settings | None = None
         self.service: Service | None = None
         self.server: LoopbackServer | None = None
+        self.watcher: asyncio.Task[None] | None = None
 
     def load(self, loader: Loader) -> None:
         loader.add_option(
@@ -327,7 +331,11 @@ class PoeOpenAI:
             self.server = LoopbackServer(create_app(self.service))
             self.server.start()
             # The tokenizer tables take ~0.2 s to load: not on the first request's time.
-            asyncio.get_running_loop().run_in_executor(None, tokens.warm_up)
+            loop = asyncio.get_running_loop()
+            loop.run_in_executor(None, tokens.warm_up)
+            with contextlib.suppress(NotImplementedError, RuntimeError, AttributeError):
+                loop.add_signal_handler(signal.SIGUSR1, self.log_status)
+            self.watcher = loop.create_task(self.watch_mappings())
         s = self.settings
         logger.info(
             "poe-openai: answering %s with Poe (%s) | auth: %s | %d mapped models from %s",
@@ -339,11 +347,57 @@ class PoeOpenAI:
         )
 
     def done(self) -> None:
+        if self.watcher is not None:
+            self.watcher.cancel()
+            self.watcher = None
+        with contextlib.suppress(NotImplementedError, RuntimeError, AttributeError, ValueError):
+            asyncio.get_running_loop().remove_signal_handler(signal.SIGUSR1)
         if self.server is not None:
             self.server.stop()
             self.server = None
         if self.service is not None:
             _close_later(self.service.poe)
+
+    # --- daily use ---------------------------------------------------------------------------
+
+    @command.command("poe.status")
+    def status(self) -> str:
+        """Mappings, key pool and request counts since start, as JSON (keys as fingerprints)."""
+        if self.service is None:
+            return "{}"
+        return json.dumps(status_report(self.service))
+
+    def log_status(self) -> None:
+        logger.info("poe-openai status: %s", self.status())
+
+    @command.command("poe.reload")
+    def reload(self) -> str:
+        """Read the mappings file again (a broken file keeps the previous map)."""
+        if self.service is None or self.settings is None:
+            return "not configured"
+        try:
+            model_map = load_mappings(self.settings.mappings_path)
+        except MappingError as e:
+            logger.error("poe-openai: %s; keeping the previous map", e)
+            return f"error: {e}"
+        self.service.model_map = model_map
+        logger.info("poe-openai: %d mapped models from %s", len(model_map.models), model_map.source)
+        return f"{len(model_map.models)} mapped models"
+
+    async def watch_mappings(self, interval: float = 1.0) -> None:
+        """Reload the mappings when their file changes."""
+        seen: tuple[float, int] | None = None
+        while True:
+            if self.settings is not None:
+                try:
+                    stat = self.settings.mappings_path.stat()
+                    current = (stat.st_mtime, stat.st_size)
+                except OSError:
+                    current = None
+                if seen is not None and current is not None and current != seen:
+                    self.reload()
+                seen = current
+            await asyncio.sleep(interval)
 
     # --- flows ------------------------------------------------------------------------------
 
@@ -426,7 +480,7 @@ class PoeOpenAI:
             self.service.routed.pop(flow.id, None)
         # The client went away (or the stream was reset): stop the Poe query now.
         if self.service is not None and self.service.cancel(flow.id):
-            logger.info("poe-openai: client left, Poe query for %s cancelled", meta["url"])
+            self.service.stats["client left"] += 1  # (no log line: 50 leaving at once add up)
         flow.request.url = meta["url"]
         redact(flow)
 

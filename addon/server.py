@@ -18,6 +18,14 @@ from starlette.types import ASGIApp
 logger = logging.getLogger(__name__)
 
 
+class _ExpectedNoise(logging.Filter):
+    """When a client leaves, the addon cancels its answer on purpose; uvicorn then reports the
+    response as incomplete, which here is the intended outcome, not an error."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "returned without completing response" not in record.getMessage()
+
+
 class _InLoopServer(uvicorn.Server):
     @contextlib.contextmanager
     def capture_signals(self) -> Generator[None, None, None]:
@@ -50,6 +58,10 @@ class LoopbackServer:
             date_header=False,
         )
         self.server = _InLoopServer(config)
+        # uvicorn.Config (re)configures its loggers, so the filter goes on afterwards.
+        noise = logging.getLogger("uvicorn.error")
+        if not any(isinstance(f, _ExpectedNoise) for f in noise.filters):
+            noise.addFilter(_ExpectedNoise())
         self.task: asyncio.Task[None] | None = None
 
     def start(self) -> None:

@@ -7,6 +7,7 @@ import asyncio
 import hmac
 import json
 import secrets
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -47,6 +48,7 @@ class Service:
     responses: ResponseStore = field(default_factory=ResponseStore)
     running: dict[str, asyncio.Task[Any]] = field(default_factory=dict)
     gone: set[str] = field(default_factory=set)  # flows whose client left
+    stats: Counter[str] = field(default_factory=Counter)  # answers and errors, by kind
     pool: KeyPool = field(init=False)
 
     def __post_init__(self) -> None:

@@ -50,7 +50,12 @@ def warm_up() -> None:
 
 class TokenCounter:
     def __init__(self, model: str) -> None:
-        self.encoding = _encoding(encoding_name(model))
+        self.name = encoding_name(model)
+
+    @property
+    def encoding(self) -> Encoding | None:
+        # Loaded on first use, so a request that counts nothing never waits for the tables.
+        return _encoding(self.name)
 
     def count(self, text: str) -> int:
         if not text:

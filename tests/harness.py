@@ -124,6 +124,21 @@ class Mitmdump:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
+    def status(self, timeout: float = 5) -> dict[str, object]:
+        """The addon's status line, asked for with SIGUSR1."""
+        import json
+
+        assert self.proc is not None
+        before = len(self.lines)
+        self.proc.send_signal(signal.SIGUSR1)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for line in self.lines[before:]:
+                if "poe-openai status: " in line:
+                    return json.loads(line.split("poe-openai status: ", 1)[1])  # type: ignore[no-any-return]
+            time.sleep(0.02)
+        raise RuntimeError("no status line")
+
     # --- clients ------------------------------------------------------------------------------
 
     @property

@@ -1,0 +1,41 @@
+"""What the proxy is doing, for the status command, SIGUSR1 and tests: plain data only."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import resource
+from typing import Any
+
+from addon.service import Service
+
+
+def rss_mb() -> float:
+    """Resident memory now (Linux), else the peak."""
+    try:
+        with open("/proc/self/statm") as f:
+            pages = int(f.read().split()[1])
+        return round(pages * os.sysconf("SC_PAGE_SIZE") / 2**20, 1)
+    except (OSError, ValueError, IndexError):
+        return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+def status(service: Service) -> dict[str, Any]:
+    settings = service.settings
+    try:
+        tasks = len(asyncio.all_tasks())
+    except RuntimeError:
+        tasks = 0
+    return {
+        "answering": sorted(settings.hosts),
+        "auth": settings.auth_mode,
+        "mappings": {"file": str(settings.mappings_path), "models": len(service.model_map.models)},
+        "keys": service.pool.status(),
+        "counts": dict(sorted(service.stats.items())),
+        "in_flight": len(service.running),
+        "awaiting_app": len(service.routed),
+        "responses_stored": len(service.responses),
+        "uploads_cached": len(service.poe._uploaded),
+        "asyncio_tasks": tasks,
+        "rss_mb": rss_mb(),
+    }
