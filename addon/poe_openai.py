@@ -327,6 +327,7 @@ class PoeOpenAI:
 
     def running(self) -> None:
         assert self.service is not None and self.settings is not None
+        raise_open_file_limit()
         if self.server is None:
             self.server = LoopbackServer(create_app(self.service))
             self.server.start()
@@ -483,6 +484,21 @@ class PoeOpenAI:
             self.service.stats["client left"] += 1  # (no log line: 50 leaving at once add up)
         flow.request.url = meta["url"]
         redact(flow)
+
+
+def raise_open_file_limit() -> None:
+    """Each answered stream holds four sockets here (client, loopback both ends, Poe): the
+    common default of 1024 open files would cap the proxy near 250 concurrent streams."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = hard if hard != resource.RLIM_INFINITY else max(soft, 65536)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+            logger.info("poe-openai: open-file limit raised from %d to %d", soft, wanted)
 
 
 def _close_later(client: PoeClient, delay: float = 0) -> None:

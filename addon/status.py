@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import resource
+from collections import Counter
 from typing import Any
 
 from addon.service import Service
@@ -23,9 +24,10 @@ def rss_mb() -> float:
 def status(service: Service) -> dict[str, Any]:
     settings = service.settings
     try:
-        tasks = len(asyncio.all_tasks())
+        all_tasks = asyncio.all_tasks()
     except RuntimeError:
-        tasks = 0
+        all_tasks = set()
+    kinds = Counter(getattr(t.get_coro(), "__qualname__", "?") for t in all_tasks)
     return {
         "answering": sorted(settings.hosts),
         "auth": settings.auth_mode,
@@ -36,6 +38,7 @@ def status(service: Service) -> dict[str, Any]:
         "awaiting_app": len(service.routed),
         "responses_stored": len(service.responses),
         "uploads_cached": len(service.poe._uploaded),
-        "asyncio_tasks": tasks,
+        "asyncio_tasks": len(all_tasks),
+        "asyncio_task_kinds": dict(kinds.most_common(5)),
         "rss_mb": rss_mb(),
     }
