@@ -69,6 +69,7 @@ class Mitmdump:
     def start(self, timeout: float = 20) -> Mitmdump:
         env = {k: v for k, v in os.environ.items() if not k.upper().endswith("_PROXY")}
         env.pop("POE_API_KEY", None)
+        env["PYTHONUNBUFFERED"] = "1"  # log lines reach the test as they are written
         env.update(self.env)
         self.proc = subprocess.Popen(
             self.command(),
@@ -124,19 +125,22 @@ class Mitmdump:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    def status(self, timeout: float = 5) -> dict[str, object]:
+    def status(self, timeout: float = 20) -> dict[str, object]:
         """The addon's status line, asked for with SIGUSR1."""
         import json
 
         assert self.proc is not None
         before = len(self.lines)
-        self.proc.send_signal(signal.SIGUSR1)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            for line in self.lines[before:]:
-                if "poe-openai status: " in line:
-                    return json.loads(line.split("poe-openai status: ", 1)[1])  # type: ignore[no-any-return]
-            time.sleep(0.02)
+            # Resent each second: a signal can be lost while the event loop is flooded.
+            self.proc.send_signal(signal.SIGUSR1)
+            resend = time.monotonic() + 1
+            while time.monotonic() < min(resend, deadline):
+                for line in self.lines[before:]:
+                    if "poe-openai status: " in line:
+                        return json.loads(line.split("poe-openai status: ", 1)[1])  # type: ignore[no-any-return]
+                time.sleep(0.02)
         raise RuntimeError("no status line")
 
     # --- clients ------------------------------------------------------------------------------
