@@ -63,17 +63,25 @@ async def get_model(service: Service, request: Request) -> Response:
 class Call:
     """One client request in flight: its key, its Poe queries, its label for the log."""
 
-    def __init__(self, service: Service, auth: Auth, model: str, bot: str) -> None:
+    def __init__(
+        self, service: Service, auth: Auth, model: str, bot: str, request: Request
+    ) -> None:
         self.service = service
         self.auth = auth
         self.bot = bot
         self.label = f"{model}->{bot} {fingerprint(auth.poe_key)}"
         self.started = time.monotonic()
+        # What mitmproxy shows about this flow (comment, Poe query view): see poe_openai.py.
+        self.info: dict[str, Any] = {"bot": bot, "key": fingerprint(auth.poe_key)}
+        flow_id = request.headers.get(FLOW_HEADER)
+        if flow_id:
+            service.flow_info[flow_id] = self.info
         self.runners: list[ReplyRunner] = []
         self._starting: list[asyncio.Task[ReplyRunner]] = []
 
     def failure(self, e: PoeError, when: str) -> OpenAIError:
         err = classify_failure(e.failure, client_key=self.auth.client_key)
+        self.info["error"] = f"{err.status} {err.code}: {err.message}"
         if when == "mid-stream":  # the others are counted with their HTTP status
             self.service.stats[f"stream error {err.code}"] += 1
         logger.info("poe-openai: %s failed %s: %s", self.label, when, err)
@@ -81,6 +89,9 @@ class Call:
 
     def done(self, how: str) -> None:
         ms = (time.monotonic() - self.started) * 1000
+        self.info["total_ms"] = round(ms)
+        # about four characters a token: a cheap estimate for the flow's comment
+        self.info["tokens_est"] = sum(len(r.text) for r in self.runners) // 4
         logger.info("poe-openai: %s %s in %.0f ms", self.label, how, ms)
 
     def _key_trouble(self, key: str, failure: PoeFailure, err: OpenAIError) -> bool:
@@ -110,6 +121,10 @@ class Call:
             runner.key = key
             try:
                 await runner.first()
+                self.info.setdefault(
+                    "first_event_ms", round((time.monotonic() - self.started) * 1000)
+                )
+                self.info["key"] = fingerprint(key)
                 return runner
             except PoeError as e:
                 await runner.aclose()
@@ -136,6 +151,7 @@ class Call:
     ) -> None:
         """One Poe query per choice. The status is decided by their first events; a stream
         waits for them at most poe_header_hold_s, then commits 200 and keeps waiting."""
+        self.info["poe_query"] = queries[0].model_dump(mode="json", exclude_defaults=True)
         self._starting = [
             asyncio.create_task(self._start_one(q, lambda events, i=i: make(i, events)))
             for i, q in enumerate(queries)
@@ -230,7 +246,7 @@ async def chat_completions(service: Service, request: Request) -> Response:
     req = chat.parse_chat_request(
         await service.json(request), service.model_map, service.settings.max_file_bytes
     )
-    call = Call(service, auth, req.model, req.bot)
+    call = Call(service, auth, req.model, req.bot, request)
     counter = TokenCounter(req.model)
     try:
         query = await attach(service, req, chat.to_query(req, new_id), auth)
@@ -302,7 +318,7 @@ async def chat_completions(service: Service, request: Request) -> Response:
 async def legacy_completions(service: Service, request: Request) -> Response:
     auth = service.authenticate(request)
     req = completions.parse_completion_request(await service.json(request), service.model_map)
-    call = Call(service, auth, req.model, req.bot)
+    call = Call(service, auth, req.model, req.bot, request)
     counter = TokenCounter(req.model)
     sampling = req.sampling
     conversations = req.conversations()
@@ -392,7 +408,7 @@ def no_image(bot: str, answer: str) -> OpenAIError:
 async def image_generations(service: Service, request: Request) -> Response:
     auth = service.authenticate(request)
     req = images.parse_image_request(await service.json(request), service.model_map)
-    call = Call(service, auth, req.model, req.bot)
+    call = Call(service, auth, req.model, req.bot, request)
     message = ProtocolMessage(role="user", content=req.prompt)
     sampling = chat.Sampling(parameters=images.bot_parameters(req))
     query = chat.to_query(
@@ -449,7 +465,7 @@ async def responses_create(service: Service, request: Request) -> Response:
     req = chat.parse_chat_request(
         responses.chat_body(body, history), service.model_map, service.settings.max_file_bytes
     )
-    call = Call(service, auth, req.model, req.bot)
+    call = Call(service, auth, req.model, req.bot, request)
     counter = TokenCounter(req.model)
     try:
         query = await attach(service, req, chat.to_query(req, new_id), auth)

@@ -24,11 +24,11 @@ if __package__ in (None, "") or __package__.startswith("__mitmproxy_script__"):
     # Loaded by `mitmdump -s addon/poe_openai.py`: make the `addon` package importable.
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mitmproxy import command, ctx, exceptions, http
+from mitmproxy import command, contentviews, ctx, exceptions, http
 from mitmproxy.addonmanager import Loader
 from mitmproxy.proxy.mode_specs import LocalMode, ProxyMode
 
-from addon import tokens
+from addon import tokens, views
 from addon.app import FLOW_HEADER, create_app
 from addon.config import (
     DEFAULT_BASE_URL,
@@ -50,7 +50,7 @@ from addon.status import status as status_report
 
 logger = logging.getLogger(__name__)
 
-METADATA_KEY = "poe_openai"
+METADATA_KEY = views.METADATA_KEY
 SECRET_HEADERS = ("authorization", "api-key", "x-api-key")
 OPTION_NAMES = (
     "poe_api_key",
@@ -179,6 +179,8 @@ class PoeOpenAI:
         self.watcher: asyncio.Task[None] | None = None
 
     def load(self, loader: Loader) -> None:
+        for view in views.VIEWS:
+            contentviews.add(view)
         loader.add_option(
             "poe_api_key",
             str,
@@ -348,6 +350,9 @@ class PoeOpenAI:
         )
 
     def done(self) -> None:
+        for view in views.VIEWS:
+            with contextlib.suppress(Exception):
+                contentviews.remove(view)
         if self.watcher is not None:
             self.watcher.cancel()
             self.watcher = None
@@ -473,10 +478,35 @@ class PoeOpenAI:
             limit = ctx.options.poe_stream_store_limit
             flow.response.stream = StoredStream(flow, limit) if limit else True
 
+    def response(self, flow: http.HTTPFlow) -> None:
+        self._explain(flow)
+
+    def _explain(self, flow: http.HTTPFlow) -> None:
+        """The flow's comment and views: the Poe bot, key fingerprint, timing, errors."""
+        meta = flow.metadata.get(METADATA_KEY)
+        if meta is None or self.service is None:
+            return
+        info = self.service.flow_info.pop(flow.id, None)
+        if info is None:
+            return
+        meta["poe"] = info
+        parts = [f"Poe bot {info.get('bot')}", str(info.get("key"))]
+        if "first_event_ms" in info:
+            parts.append(f"first event {info['first_event_ms']} ms")
+        if "total_ms" in info:
+            parts.append(f"total {info['total_ms']} ms")
+        if "tokens_est" in info:
+            parts.append(f"~{info['tokens_est']} tokens")
+        comment = " | ".join(parts)
+        if info.get("error"):
+            comment += f"\nerror: {info['error']}"
+        flow.comment = f"{flow.comment}\n{comment}" if flow.comment else comment
+
     def error(self, flow: http.HTTPFlow) -> None:
         meta = flow.metadata.get(METADATA_KEY)
         if meta is None:
             return
+        self._explain(flow)
         if self.service is not None:
             self.service.routed.pop(flow.id, None)
         # The client went away (or the stream was reset): stop the Poe query now.

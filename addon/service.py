@@ -49,6 +49,7 @@ class Service:
     running: dict[str, asyncio.Task[Any]] = field(default_factory=dict)
     gone: set[str] = field(default_factory=set)  # flows whose client left
     stats: Counter[str] = field(default_factory=Counter)  # answers and errors, by kind
+    flow_info: dict[str, dict[str, Any]] = field(default_factory=dict)  # for mitmproxy's views
     pool: KeyPool = field(init=False)
 
     def __post_init__(self) -> None:
