@@ -17,6 +17,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
+from starlette.types import Lifespan
 
 from addon import handlers
 from addon.errors import OpenAIError, internal_error, not_found
@@ -52,7 +53,7 @@ UNAVAILABLE = {
 }
 
 
-def create_app(service: Service) -> Starlette:
+def create_app(service: Service, lifespan: Lifespan[Starlette] | None = None) -> Starlette:
     def endpoint(handler: Handler) -> Callable[[Request], Awaitable[Response]]:
         """Guarded, and every failure answered in OpenAI's shape, never as a traceback."""
 
@@ -154,7 +155,7 @@ def create_app(service: Service) -> Starlette:
             max_age=600,
         )
     ]
-    app = Starlette(routes=routes, middleware=middleware)
+    app = Starlette(routes=routes, middleware=middleware, lifespan=lifespan)
     app.add_exception_handler(405, _method_not_allowed)
     return app
 

@@ -330,9 +330,8 @@ class PoeOpenAI:
     def running(self) -> None:
         assert self.service is not None and self.settings is not None
         raise_open_file_limit()
-        if self.server is None:
-            self.server = LoopbackServer(create_app(self.service))
-            self.server.start()
+        if self.watcher is None:
+            self._ensure_server()
             # The tokenizer tables take ~0.2 s to load: not on the first request's time.
             loop = asyncio.get_running_loop()
             loop.run_in_executor(None, tokens.warm_up)
@@ -348,6 +347,20 @@ class PoeOpenAI:
             len(self.service.model_map.models),
             s.mappings_path,
         )
+
+    def _ensure_server(self) -> LoopbackServer:
+        """The loopback app server; started on first need, since a request can arrive
+        between the listeners opening and the ``running`` hook."""
+        if self.server is None:
+            assert self.service is not None
+            server = LoopbackServer(create_app(self.service))
+            try:
+                server.start()
+            except RuntimeError:  # no running event loop
+                server.stop()
+                raise
+            self.server = server
+        return self.server
 
     def done(self) -> None:
         for view in views.VIEWS:
@@ -457,12 +470,11 @@ class PoeOpenAI:
             redact(flow)
 
     def _route(self, flow: http.HTTPFlow) -> None:
-        if self.server is None:
-            raise RuntimeError("the loopback server is not running")
+        server = self._ensure_server()
         flow.metadata.setdefault(METADATA_KEY, {"url": flow.request.pretty_url})
         flow.request.scheme = "http"
-        flow.request.host = self.server.host
-        flow.request.port = self.server.port
+        flow.request.host = server.host
+        flow.request.port = server.port
         flow.request.headers[FLOW_HEADER] = flow.id
         # In upstream mode the connection would otherwise go through the upstream proxy.
         flow.server_conn.via = None

@@ -1,0 +1,64 @@
+"""Start the proxy without bash (Windows, macOS, or anywhere the package is installed):
+
+python -m addon [mitmdump arguments...]        # what ./run.sh does
+python -m addon serve [--host H] [--port P]    # the plain server, without mitmproxy
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+import sys
+from pathlib import Path
+
+ADDON = Path(__file__).resolve().parent / "poe_openai.py"
+
+
+def run_proxy(args: list[str]) -> int:
+    from mitmproxy.tools.main import mitmdump
+
+    if not any(a in ("--mode", "-m") or a.startswith(("--mode=", "-m")) for a in args):
+        args = ["--mode", "regular@127.0.0.1:8080", *args]
+    mitmdump(["-s", str(ADDON), *args])
+    return 0
+
+
+def serve(args: list[str]) -> int:
+    import uvicorn
+
+    from addon.standalone import create, settings_from_env
+
+    parser = argparse.ArgumentParser(prog="python -m addon serve")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    options = parser.parse_args(args)
+    settings = settings_from_env()
+    loopback = options.host == "localhost" or (
+        options.host.replace(".", "").isdigit() and ipaddress.ip_address(options.host).is_loopback
+    )
+    if (
+        settings.api_keys
+        and not settings.access_tokens
+        and not loopback
+        and os.environ.get("POE_ALLOW_OPEN_RELAY") != "1"
+    ):
+        print(
+            f"Refusing to start an open relay: a Poe key is configured and {options.host} can "
+            "be reached from other machines with no client auth. Listen on 127.0.0.1, set "
+            "POE_ACCESS_TOKENS, or set POE_ALLOW_OPEN_RELAY=1.",
+            file=sys.stderr,
+        )
+        return 2
+    uvicorn.run(create(), host=options.host, port=options.port, log_level="info")
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    if argv[:1] == ["serve"]:
+        return serve(argv[1:])
+    return run_proxy(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
