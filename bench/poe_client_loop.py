@@ -67,7 +67,7 @@ async def run(base_url: str, key: str, bot: str, requests: int, concurrency: int
         per = max(1, n // concurrency)
         await asyncio.gather(*(worker(range(w * per, (w + 1) * per)) for w in range(concurrency)))
 
-    await batch(min(200, requests))  # warm-up: connections, pydantic, imports
+    await batch(min(100, requests))  # warm-up: connections, pydantic, imports
     errors = events = 0
     done = (requests // concurrency) * concurrency
     cpu0, wall0 = cpu_seconds(), time.perf_counter()

@@ -14,7 +14,8 @@ Bots are scripted by name, so the benchmark needs no control channel:
 * ``Ones-<n>``: n one-token text events (``"tok "``) as fast as the server can write them.
 * ``Slow-<n>-<ms>``: n text events spread evenly over ``<ms>`` (overlapping streams).
 
-Any other bot is a 404 (the stand-in's answer for an unknown bot).
+Any other bot is a 404 (the stand-in's answer for an unknown bot). ``GET /bench/stats`` gives
+the number of queries and of distinct client connections (address, port) they came over.
 """
 
 from __future__ import annotations
@@ -33,7 +34,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from fake_poe import Event, FakePoe, Recorded, Step, encode_event, sleep, text  # noqa: E402
+from fake_poe import Event, FakePoe, Recorded, Step, encode_event, sleep, text
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
 
 KEY = "poe-bench-key"
 STAMP = "bench-stamp"  # marker events, expanded by BenchPoe._play
@@ -66,6 +70,19 @@ class BenchPoe(FakePoe):
         super().__init__(api_keys=(key,))
         # The stand-in records every request (with its body); keep only the latest few.
         self.requests = collections.deque(maxlen=32)  # type: ignore[assignment]
+        # Client ports seen: how many TCP connections the queries came over.
+        self.queries = 0
+        self.ports: set[tuple[str, int]] = set()
+        self.app.router.routes.append(Route("/bench/stats", self._stats, methods=["GET"]))
+
+    async def _stats(self, request: Request) -> Response:
+        return JSONResponse({"queries": self.queries, "connections": len(self.ports)})
+
+    async def _bot_endpoint(self, request: Request) -> Response:
+        if request.client is not None:
+            self.ports.add((request.client.host, request.client.port))
+        self.queries += 1
+        return await super()._bot_endpoint(request)
 
     def _next_script(self, bot: str) -> list[Step] | None:
         steps = _script(bot)

@@ -1,4 +1,4 @@
-"""Runs the reliability suites (faults, cancellation, fuzz, load) and prints their figures.
+"""Runs the reliability suites (faults, cancellation, load) and prints their figures.
 
     .venv/bin/python bench/reliability.py
 
