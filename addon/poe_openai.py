@@ -26,7 +26,7 @@ if __package__ in (None, "") or __package__.startswith("__mitmproxy_script__"):
 
 from mitmproxy import command, contentviews, ctx, exceptions, http
 from mitmproxy.addonmanager import Loader
-from mitmproxy.proxy.mode_specs import LocalMode, ProxyMode
+from mitmproxy.proxy.mode_specs import LocalMode, ProxyMode, RegularMode, ReverseMode
 
 from addon import tokens, views
 from addon.app import FLOW_HEADER, create_app
@@ -347,6 +347,8 @@ class PoeOpenAI:
             len(self.service.model_map.models),
             s.mappings_path,
         )
+        for line in client_settings(ctx.options.mode if "mode" in ctx.options else []):
+            logger.info("poe-openai: %s", line)
 
     def _ensure_server(self) -> LoopbackServer:
         """The loopback app server; started on first need, since a request can arrive
@@ -526,6 +528,31 @@ class PoeOpenAI:
             self.service.stats["client left"] += 1  # (no log line: 50 leaving at once add up)
         flow.request.url = meta["url"]
         redact(flow)
+
+
+def client_settings(modes: collections.abc.Sequence[str]) -> list[str]:
+    """For the start-up banner: what a client should set, per listener."""
+    confdir = ctx.options.confdir if "confdir" in ctx.options else "~/.mitmproxy"
+    ca = f"{confdir}/mitmproxy-ca-cert.pem"
+    lines = []
+    for spec in modes:
+        try:
+            mode = ProxyMode.parse(spec)
+        except ValueError:
+            continue
+        host = mode.listen_host(ctx.options.listen_host if "listen_host" in ctx.options else "")
+        port = mode.listen_port()
+        where = f"{host or '127.0.0.1'}:{port}"
+        if isinstance(mode, ReverseMode):
+            lines.append(f"{spec}: clients set base URL http://{where}/v1 (any API key)")
+        elif isinstance(mode, RegularMode):
+            lines.append(
+                f"{spec}: clients set HTTPS_PROXY=http://{where} and trust {ca} "
+                f"(e.g. SSL_CERT_FILE={ca}, NODE_EXTRA_CA_CERTS={ca})"
+            )
+        else:
+            lines.append(f"{spec}: clients trust {ca}; see mitmproxy's docs for this mode")
+    return lines
 
 
 def raise_open_file_limit() -> None:

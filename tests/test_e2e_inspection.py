@@ -90,3 +90,11 @@ def test_mappings_reload_when_the_file_changes(fake_poe: FakePoe, bot: str, tmp_
             time.sleep(0.2)
         assert "map.yaml, line" in m.output and "keeping the previous map" in m.output
         assert len(client.models.list().data) == 2
+
+
+def test_start_up_banner_gives_client_settings(proxy: Mitmdump) -> None:
+    out = proxy.output
+    assert "auth: configured keys" in out and "mapped models" in out
+    assert f"base URL http://127.0.0.1:{proxy.reverse_port}/v1" in out
+    assert f"HTTPS_PROXY=http://127.0.0.1:{proxy.proxy_port}" in out
+    assert "mitmproxy-ca-cert.pem" in out
