@@ -33,6 +33,9 @@ from addon.files import FileInput
 logger = logging.getLogger(__name__)
 # httpx logs every request line at INFO; the addon logs one line per answered call instead.
 logging.getLogger("httpx").setLevel(logging.WARNING)
+# mitmproxy sets the root logger to DEBUG: httpcore would then make ~12 records per Poe query,
+# each formatted and passed to every addon's log hook (a quarter of the CPU per request).
+logging.getLogger("httpcore").setLevel(logging.WARNING)
 
 EventKind = Literal["text", "replace", "file", "suggested", "meta", "data", "tool_calls"]
 

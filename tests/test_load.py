@@ -16,7 +16,7 @@ import pytest
 from conftest import POE_KEY, poe_options
 from fake_poe import FakePoe, echo, error, sleep, text
 from figures import record
-from harness import Mitmdump
+from harness import Mitmdump, assert_no_traceback
 
 CONCURRENT = 300
 ROUNDS = 3
@@ -113,4 +113,4 @@ def test_load_rounds(load_proxy: Mitmdump, fake_poe: FakePoe) -> None:
     assert after <= baseline * 1.10, (baseline, after)
     assert status["awaiting_app"] == 0
     assert int(status["asyncio_tasks"]) < 20, status  # type: ignore[call-overload]
-    assert "Traceback" not in load_proxy.output
+    assert_no_traceback(load_proxy.output)
