@@ -12,6 +12,8 @@ import re
 from collections.abc import Awaitable, Callable
 
 from starlette.applications import Starlette
+from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
@@ -21,7 +23,7 @@ from starlette.types import Lifespan
 
 from addon import handlers
 from addon.errors import OpenAIError, internal_error, not_found
-from addon.service import FLOW_HEADER, Service, error_response
+from addon.service import FLOW_HEADER, Service, error_response, too_deep
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +83,10 @@ def create_app(service: Service, lifespan: Lifespan[Starlette] | None = None) ->
                 if flow_id in service.gone and task is not None and task.uncancel() == 0:
                     return Response(status_code=499)  # nobody is listening any more
                 raise
+            except RecursionError:
+                # JSON nested just shallow enough to parse, too deep for a walk over it
+                service.stats["400 too_deep"] += 1
+                return error_response(too_deep())
             except Exception:
                 service.stats["500 internal"] += 1
                 logger.exception("poe-openai: internal error on %s", request.url.path)
@@ -96,18 +102,7 @@ def create_app(service: Service, lifespan: Lifespan[Starlette] | None = None) ->
         return Response(status_code=204)
 
     async def unknown(service: Service, request: Request) -> Response:
-        path = request.url.path
-        first = re.sub(r"^/(v1/)?", "", path).split("/", 1)[0]
-        what = UNAVAILABLE.get(first)
-        served = (
-            "This proxy answers /v1/models, /v1/chat/completions, /v1/completions, "
-            "/v1/responses and /v1/images/generations with Poe bots."
-        )
-        if what is not None:
-            message = f"{request.method} {path}: {what} is not available through Poe. {served}"
-        else:
-            message = f"Unknown request URL: {request.method} {path}. {served}"
-        raise not_found(message, "unknown_url")
+        raise unknown_url(request)
 
     routes = []
     for prefix in ("/v1", ""):
@@ -147,20 +142,69 @@ def create_app(service: Service, lifespan: Lifespan[Starlette] | None = None) ->
     ]
     middleware = [
         Middleware(
-            CORSMiddleware,
+            OpenAICORSMiddleware,
             allow_origins=["*"],
             allow_methods=["*"],
             allow_headers=["*"],
+            # Browsers ask before a public page may call a proxy on localhost (Private
+            # Network Access); that is this proxy's normal use.
+            allow_private_network=True,
             expose_headers=["*"],
             max_age=600,
         )
     ]
     app = Starlette(routes=routes, middleware=middleware, lifespan=lifespan)
-    app.add_exception_handler(405, _method_not_allowed)
+    app.add_exception_handler(HTTPException, _http_exception)
     return app
 
 
-async def _method_not_allowed(request: Request, exc: Exception) -> Response:
+def unknown_url(request: Request) -> OpenAIError:
+    path = request.url.path
+    first = re.sub(r"^/(v1/)?", "", path).split("/", 1)[0]
+    what = UNAVAILABLE.get(first)
+    served = (
+        "This proxy answers /v1/models, /v1/chat/completions, /v1/completions, "
+        "/v1/responses and /v1/images/generations with Poe bots."
+    )
+    if what is not None:
+        message = f"{request.method} {path}: {what} is not available through Poe. {served}"
+    else:
+        message = f"Unknown request URL: {request.method} {path!r}. {served}"
+    return not_found(message, "unknown_url")
+
+
+class OpenAICORSMiddleware(CORSMiddleware):
+    """Starlette's CORS middleware, with its refused preflights (a method outside the
+    standard ones, say) answered in OpenAI's error shape instead of plain text."""
+
+    def preflight_response(self, request_headers: Headers) -> Response:
+        response = super().preflight_response(request_headers)
+        if response.status_code < 400:
+            return response
+        refused = bytes(response.body).decode("utf-8", "replace")
+        error = OpenAIError(
+            response.status_code, f"CORS preflight refused: {refused}.", "invalid_request_error"
+        )
+        answer = error_response(error)
+        for name, value in response.headers.items():
+            if name.lower().startswith("access-control-"):
+                answer.headers[name] = value
+        return answer
+
+
+async def _http_exception(request: Request, exc: Exception) -> Response:
+    """Starlette's own refusals (no route matched, a method a route does not take) in
+    OpenAI's shape: paths the catch-all route cannot match (a newline in them) end here."""
+    status = exc.status_code if isinstance(exc, HTTPException) else 500
+    if status == 404:
+        return error_response(unknown_url(request))
+    if status == 405:
+        return _method_not_allowed(request)
+    detail = exc.detail if isinstance(exc, HTTPException) else "Internal error"
+    return error_response(OpenAIError(status, str(detail), "invalid_request_error"))
+
+
+def _method_not_allowed(request: Request) -> Response:
     return error_response(
         OpenAIError(
             405,

@@ -19,6 +19,7 @@ from fastapi_poe.types import (
 )
 
 from addon.answer import AnswerStream
+from addon.bounds import check_bounds
 from addon.errors import OpenAIError, bad_request, not_found
 from addon.files import FileInput, file_part, image_part
 from addon.limits import json_instruction
@@ -131,7 +132,7 @@ def _turns(messages: object, file_limit: int) -> list[_Turn]:
         if not isinstance(message, dict):
             raise bad_request(f"{where} must be an object.", where)
         role = message.get("role")
-        if role not in ROLES:
+        if not isinstance(role, str) or role not in ROLES:
             raise bad_request(
                 f"{where}.role must be one of {', '.join(ROLES)}; got {role!r}.", f"{where}.role"
             )
@@ -343,6 +344,7 @@ def parse_parameters(value: object) -> dict[str, Any]:
         raise bad_request(
             "poe_parameters must be an object of Poe bot parameters.", "poe_parameters"
         )
+    check_bounds(value, "poe_parameters")
     return dict(value)
 
 

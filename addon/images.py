@@ -7,6 +7,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from addon.bounds import check_bounds
 from addon.errors import bad_request, not_found
 from addon.mappings import BOT_NAME, ModelMap
 
@@ -71,6 +72,7 @@ def parse_image_request(body: object, model_map: ModelMap) -> ImageRequest:
     parameters = body.get("poe_parameters") or {}
     if not isinstance(parameters, dict):
         raise bad_request("poe_parameters must be an object.", "poe_parameters")
+    check_bounds(parameters, "poe_parameters")
     return ImageRequest(
         model=model,
         bot=bot,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import re
 import secrets
 from collections import Counter
 from collections.abc import Mapping
@@ -172,6 +173,31 @@ async def json_body(request: Request, limit: int = MAX_BODY) -> dict[str, Any]:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as e:
         raise bad_request(f"The request body is not valid JSON: {e}.") from None
+    except RecursionError:
+        raise too_deep() from None
     if not isinstance(body, dict):
         raise bad_request("The request body must be a JSON object.")
+    if _ESCAPED_SURROGATE.search(raw) and _has_lone_surrogate(body):
+        raise bad_request(
+            "The request body is not valid JSON: it escapes a lone UTF-16 surrogate (\\uD800-"
+            "\\uDFFF without its pair), which is not a character."
+        )
     return body
+
+
+def too_deep() -> OpenAIError:
+    return bad_request("The request body nests arrays or objects too deeply.")
+
+
+# JSON can escape UTF-16 surrogates (\ud83d\ude00 is one emoji). json.loads joins pairs and
+# keeps a lone one as an unencodable str that would break every later .encode(); only bodies
+# that escape a surrogate at all are walked.
+_ESCAPED_SURROGATE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def _has_lone_surrogate(value: object) -> bool:
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False

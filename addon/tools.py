@@ -30,6 +30,7 @@ from fastapi_poe.types import (
     ToolResultDefinition,
 )
 
+from addon.bounds import check_bounds
 from addon.errors import bad_request
 
 MAX_REF_DEPTH = 8
@@ -49,6 +50,14 @@ def _inline_refs(node: Any, defs: dict[str, Any], depth: int = 0) -> Any:
             merged = {**copy.deepcopy(defs[name]), **{k: v for k, v in node.items() if k != "$ref"}}
             return _inline_refs(merged, defs, depth + 1)
     return {k: _inline_refs(v, defs, depth) for k, v in node.items()}
+
+
+def _object(value: object, param: str) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise bad_request(f"{param} must be an object.", param)
+    return value
 
 
 def parse_tools(tools: object, tool_choice: object) -> list[ToolDefinition] | None:
@@ -75,8 +84,14 @@ def parse_tools(tools: object, tool_choice: object) -> list[ToolDefinition] | No
                 f"{where}.function.parameters must be a JSON Schema object.",
                 f"{where}.function.parameters",
             )
-        defs = {**params.get("definitions", {}), **params.get("$defs", {})}
+        check_bounds(params, f"{where}.function.parameters")
+        defs = {
+            **_object(params.get("definitions"), f"{where}.function.parameters.definitions"),
+            **_object(params.get("$defs"), f"{where}.function.parameters.$defs"),
+        }
         params = _inline_refs(params, defs)
+        check_bounds(params, f"{where}.function.parameters")  # with the $refs inlined
+        properties = _object(params.get("properties"), f"{where}.function.parameters.properties")
         required = params.get("required")
         out.append(
             ToolDefinition(
@@ -87,7 +102,7 @@ def parse_tools(tools: object, tool_choice: object) -> list[ToolDefinition] | No
                     description=str(fn.get("description") or ""),
                     parameters=ParametersDefinition(
                         type=str(params.get("type") or "object"),
-                        properties=dict(params.get("properties") or {}),
+                        properties=properties,
                         required=list(required) if isinstance(required, list) else None,
                     ),
                 ),

@@ -12,7 +12,7 @@ import openai
 import pytest
 from conftest import POE_KEY, poe_options
 from fake_poe import FakePoe, http_error, json_event, replace, sleep, text
-from harness import Mitmdump
+from harness import Mitmdump, assert_no_traceback
 from mitmproxy import io as mitmio
 
 USER = [{"role": "user", "content": "hi"}]
@@ -167,3 +167,90 @@ def test_addon_made_errors_carry_cors(fake_poe: FakePoe, bot: str) -> None:
         )
     assert r.status_code == 413
     assert r.headers["access-control-allow-origin"] == "*"
+
+
+# --- found by the fuzz suite (tests/test_fuzz.py) -------------------------------------------
+
+
+def _openai_error(r: httpx.Response, status: int) -> dict[str, object]:
+    assert r.status_code == status, r.text
+    assert r.headers["content-type"].startswith("application/json"), r.text
+    error = r.json()["error"]
+    assert isinstance(error["message"], str) and error["type"], error
+    return error
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"model": "\\ud800", "messages": [{"role": "user", "content": "hi"}]}',
+        b'{"model": "m", "messages": [{"role": "user", "content": "a \\udfff b"}]}',
+    ],
+)
+def test_lone_escaped_surrogate_is_400_not_500(proxy: Mitmdump, raw: bytes) -> None:
+    with proxy.http() as http:
+        r = http.post("/v1/chat/completions", content=raw)
+    assert "surrogate" in str(_openai_error(r, 400)["message"])
+
+
+def test_escaped_surrogate_pair_is_an_ordinary_character(
+    proxy: Mitmdump, fake_poe: FakePoe, bot: str
+) -> None:
+    fake_poe.script(bot, [text("ok")])
+    raw = b'{"model": "%s", "messages": [{"role": "user", "content": "\\ud83d\\ude00"}]}' % (
+        bot.encode()
+    )
+    with proxy.http() as http:
+        r = http.post("/v1/chat/completions", content=raw)
+    assert r.status_code == 200, r.text
+    query = fake_poe.requests_for(bot)[0].query
+    assert query is not None and query.query[-1].content == "\N{GRINNING FACE}"
+
+
+def test_role_of_the_wrong_type_is_400(proxy: Mitmdump) -> None:
+    messages = [{"role": "user", "content": "hi"}, {"role": [], "content": "x"}]
+    with proxy.http() as http:
+        r = http.post("/v1/chat/completions", json={"model": "m", "messages": messages})
+    assert _openai_error(r, 400)["param"] == "messages[1].role"
+
+
+@pytest.mark.parametrize("depth", [5000, 480])
+def test_deeply_nested_json_is_400(proxy: Mitmdump, depth: int) -> None:
+    # 5000 levels: too deep to parse. 480 (two levels each): parses, but too deep for a
+    # walk over the tool's schema.
+    since = len(proxy.lines)
+    schema = b'{"type": "object", "properties": {"a": ' * depth + b"{}" + b"}}" * depth
+    tool = b'{"type": "function", "function": {"name": "f", "parameters": %s}}' % schema
+    messages = b'[{"role": "user", "content": "hi"}]'
+    raw = b'{"model": "m", "messages": %s, "tools": [%s]}' % (messages, tool)
+    with proxy.http() as http:
+        r = http.post("/v1/chat/completions", content=raw)
+        assert "too deeply" in str(_openai_error(r, 400)["message"])
+        assert http.get("/v1/models").status_code == 200
+    assert_no_traceback("".join(proxy.lines[since:]))
+
+
+def test_path_no_route_can_match_is_openai_404(proxy: Mitmdump) -> None:
+    with proxy.http() as http:
+        r = http.get("/%0A%00")
+    assert _openai_error(r, 404)["code"] == "unknown_url"
+
+
+@pytest.mark.parametrize(
+    "asked",
+    [
+        {"access-control-request-method": "POST", "access-control-request-private-network": "true"},
+        {"access-control-request-method": "PROPFIND"},
+    ],
+)
+def test_cors_preflights(proxy: Mitmdump, asked: dict[str, str]) -> None:
+    headers = {"origin": "https://chat.example", **asked}
+    with proxy.http() as http:
+        r = http.options("/v1/chat/completions", headers=headers)
+    if asked["access-control-request-method"] == "POST":
+        # a public web page calling the proxy on localhost (Private Network Access)
+        assert r.status_code == 200, r.text
+        assert r.headers["access-control-allow-private-network"] == "true"
+    else:
+        assert _openai_error(r, 400)["message"].startswith("CORS preflight refused")
+        assert r.headers["access-control-allow-origin"] == "*"
