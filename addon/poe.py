@@ -29,6 +29,7 @@ from fastapi_poe.types import Attachment, MetaResponse, QueryRequest
 
 from addon.errors import PoeFailure
 from addon.files import FileInput
+from addon.reuse import FinishAfterDone
 
 logger = logging.getLogger(__name__)
 # httpx logs every request line at INFO; the addon logs one line per answered call instead.
@@ -75,12 +76,16 @@ async def _raise_for_status(response: httpx.Response) -> None:
     # Only the query itself streams events; report_error and friends must not raise here.
     if response.status_code < 400:
         return
-    if response.request.headers.get("accept") != "text/event-stream":
+    if not _is_query(response):
         return
     await response.aread()
     raise _HTTPStatusError(
         response.status_code, response.text[:2000], response.headers.get("retry-after")
     )
+
+
+def _is_query(response: httpx.Response) -> bool:
+    return response.request.headers.get("accept") == "text/event-stream"
 
 
 def _log_poe_error(exc: Exception, message: str) -> None:
@@ -150,6 +155,7 @@ class PoeClient:
         # Clients resend the whole history every turn: upload the same bytes (or URL) once.
         self._uploaded: OrderedDict[str, Attachment] = OrderedDict()
         self._uploading: dict[str, asyncio.Future[Attachment]] = {}
+        self._finishing: set[asyncio.Task[None]] = set()  # bodies read to the end after done
         self.session = httpx.AsyncClient(
             # Never read HTTPS_PROXY / SSL_CERT_FILE: set for the *client's* sake they would loop
             # Poe calls back through mitmproxy or break Poe's TLS.
@@ -158,10 +164,17 @@ class PoeClient:
             timeout=httpx.Timeout(connect=20, read=600, write=60, pool=None),
             # The default cap of 100 connections would queue the 101st concurrent stream.
             limits=httpx.Limits(max_connections=None, max_keepalive_connections=64),
-            event_hooks={"response": [_raise_for_status]},
+            event_hooks={"response": [_raise_for_status, self._reuse_connection]},
         )
 
+    async def _reuse_connection(self, response: httpx.Response) -> None:
+        if response.status_code < 400 and _is_query(response):
+            response.stream = FinishAfterDone(response.stream, self._finishing)
+
     async def aclose(self) -> None:
+        for task in list(self._finishing):
+            task.cancel()
+        await asyncio.gather(*self._finishing, return_exceptions=True)
         await self.session.aclose()
 
     async def stream(self, query: QueryRequest, bot: str, api_key: str) -> AsyncIterator[PoeEvent]:
