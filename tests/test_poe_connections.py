@@ -1,12 +1,19 @@
-"""Connections to Poe: reused between queries, never held by a server that keeps a body open."""
+"""Connections to Poe: reused between queries, never held by a server that keeps a body open,
+and a query lost on a connection the server closed is resent."""
 
 from __future__ import annotations
 
+import asyncio
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 
+import httpx
 import pytest
 from fake_poe import FakePoe, no_done, raw, sleep, text
+from fastapi_poe.types import ProtocolMessage, QueryRequest
 from harness import Mitmdump
+
+from addon.poe import PoeClient, PoeError
 
 USER = [{"role": "user", "content": "hi"}]
 QUERIES = 8
@@ -46,3 +53,64 @@ def test_a_body_left_open_after_done_neither_delays_the_answer_nor_holds_the_con
     assert took < 1.0
     # The addon gives up on the rest of the body after a bounded wait (2 s).
     assert fake_poe.wait_for(lambda: fake_poe.requests_for(bot)[0].disconnected is not None, 5)
+
+
+# --- a reused connection the server closed: resent only when Poe never answered -----------------
+
+ANSWER = b'event: text\ndata: {"text": "hi"}\n\nevent: done\ndata: {}\n\n'
+
+
+def mocked(handler: Callable[[httpx.Request], Awaitable[httpx.Response]]) -> PoeClient:
+    client = PoeClient("http://poe.test/bot/")
+    client.session = httpx.AsyncClient(
+        transport=httpx.MockTransport(handler), event_hooks=client.session.event_hooks
+    )
+    return client
+
+
+def query() -> QueryRequest:
+    message = ProtocolMessage(role="user", content="hello")
+    return QueryRequest(
+        version="1.0", type="query", query=[message], user_id="u", conversation_id="c",
+        message_id="m",
+    )  # fmt: skip
+
+
+async def texts(client: PoeClient) -> list[str]:
+    try:
+        return [event.text async for event in client.stream(query(), "Bot", "key")]
+    finally:
+        await client.aclose()
+
+
+def test_a_query_lost_before_any_response_is_resent_once() -> None:
+    calls = 0
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        nonlocal calls
+        calls += 1
+        if calls == 1:  # the server closed the idle connection as the query went out
+            raise httpx.ReadError("connection reset by peer", request=request)
+        return httpx.Response(200, headers={"content-type": "text/event-stream"}, content=ANSWER)
+
+    assert asyncio.run(texts(mocked(handler))) == ["hi"]
+    assert calls == 2
+
+
+def test_a_query_lost_after_the_response_began_is_not_resent() -> None:
+    calls = 0
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        nonlocal calls
+        calls += 1
+
+        async def body() -> AsyncIterator[bytes]:
+            raise httpx.ReadError("connection reset by peer", request=request)
+            yield b""  # an async generator
+
+        return httpx.Response(200, headers={"content-type": "text/event-stream"}, content=body())
+
+    with pytest.raises(PoeError) as info:
+        asyncio.run(texts(mocked(handler)))
+    assert info.value.failure.transport is not None and "ReadError" in info.value.failure.transport
+    assert calls == 1
