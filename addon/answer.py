@@ -21,6 +21,8 @@ import re
 
 from fastapi_poe.types import Attachment
 
+from addon.textbuffer import TextBuffer
+
 # One line of transient status, as Poe bots write it; optional markdown emphasis or quote.
 STATUS_LINE = re.compile(
     r"[>*_\s]*(?:thinking|searching|generating|analy[sz]ing|reading|browsing|processing|"
@@ -28,6 +30,11 @@ STATUS_LINE = re.compile(
     r"[^\n.…]{0,60}(?:\.{2,}|…|\(\d{1,3}%\))(?:\s*\([^\n)]{0,40}\))?[*_\s]*",
     re.IGNORECASE,
 )
+
+
+# No status line is this long (the pattern allows ~150 characters plus runs of dots and
+# spaces), so a longer answer is not checked again on every event.
+STATUS_MAX = 400
 
 
 def is_status_text(text: str) -> bool:
@@ -49,16 +56,24 @@ class AnswerStream:
     """Feed Poe events in; get back the text deltas that are safe to send now."""
 
     def __init__(self) -> None:
-        self.answer = ""  # Poe's answer as Poe defines it
-        self.client = ""  # what the client has been sent
+        self._answer = TextBuffer()  # Poe's answer as Poe defines it
+        self._client = TextBuffer()  # what the client has been sent
         self._held = False  # is answer[self._replaced_at ...] still provisional?
         self._replaced = False  # did a replacement happen since the last commit?
         self._replaced_len = 0
         self._cursor = 0  # answer[:cursor] is accounted for on the client side
         self.files: list[Attachment] = []  # files the bot returned (Poe's own URLs)
 
+    @property
+    def answer(self) -> str:
+        return str(self._answer)
+
+    @property
+    def client(self) -> str:
+        return str(self._client)
+
     def text(self, text: str) -> str:
-        self.answer += text
+        self._answer.append(text)
         self._held = self._status_only()
         return self._commit()
 
@@ -74,7 +89,7 @@ class AnswerStream:
             # A cumulative answer: the earlier replacement is confirmed by this one.
             self._held = False
             delta = self._commit()
-        self.answer = text
+        self._answer = TextBuffer(text)
         self._replaced = True
         self._replaced_len = len(text)
         self._held = True
@@ -83,9 +98,10 @@ class AnswerStream:
     def file(self, attachment: Attachment) -> str:
         self.files.append(attachment)
         link = attachment_markdown(attachment)
-        if self.answer and not self.answer.endswith("\n"):
+        answer = self.answer
+        if answer and not answer.endswith("\n"):
             link = "\n\n" + link
-        self.answer += link
+        self._answer.append(link)
         self._held = False
         return self._commit()
 
@@ -96,7 +112,10 @@ class AnswerStream:
     def _status_only(self) -> bool:
         if self._replaced and not is_status_text(self.answer[: self._replaced_len]):
             return False  # text after a real (non-status) replacement confirms it
-        return bool(self.answer.strip()) and is_status_text(self.answer)
+        if len(self._answer) > STATUS_MAX:
+            return False  # checked per event: never the whole of a long answer
+        answer = self.answer
+        return bool(answer.strip()) and is_status_text(answer)
 
     def _commit(self) -> str:
         if self._held:
@@ -104,11 +123,11 @@ class AnswerStream:
         if self._replaced:
             self._replaced = False
             if self.answer.startswith(self.client):
-                self._cursor = len(self.client)
+                self._cursor = len(self._client)
             else:
                 # The replacement rewrote text the client already has: skip it, keep going.
                 self._cursor = self._replaced_len
-        delta = self.answer[self._cursor :]
-        self._cursor = len(self.answer)
-        self.client += delta
+        delta = self._answer.since(self._cursor)
+        self._cursor = len(self._answer)
+        self._client.append(delta)
         return delta

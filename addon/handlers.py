@@ -18,8 +18,9 @@ from addon import chat, completions, images, responses
 from addon.config import fingerprint
 from addon.errors import OpenAIError, PoeFailure, classify_failure, not_found
 from addon.keys import DEFAULT_COOLDOWN_S, OUT_OF_POINTS_COOLDOWN_S, retry_after_seconds
+from addon.pacing import with_ticks
 from addon.poe import PoeError
-from addon.runner import Piece, ReplyRunner, merge, with_ticks
+from addon.runner import Piece, ReplyRunner, merge
 from addon.service import FLOW_HEADER, SSE_DONE, Auth, Service, new_id, sse
 from addon.tokens import TokenCounter
 

@@ -10,6 +10,7 @@ import json
 import re
 from typing import Any
 
+from addon.textbuffer import TextBuffer
 from addon.tokens import TokenCounter
 
 
@@ -54,7 +55,7 @@ class TokenLimit:
     def __init__(self, counter: TokenCounter, limit: int | None) -> None:
         self.counter = counter
         self.limit = limit
-        self.sent = ""
+        self._sent = TextBuffer()
         self.approx = 0  # sum of the pieces' counts: cheap, and never below the exact count
         self.reached = False
 
@@ -65,15 +66,20 @@ class TokenLimit:
             return text
         self.approx += self.counter.count(text)
         if self.approx >= self.limit:
-            candidate = self.sent + text
+            sent = str(self._sent)
+            candidate = sent + text
             self.approx = self.counter.count(candidate)
             if self.approx >= self.limit:
                 self.reached = True
             if self.approx > self.limit:
                 head = self.counter.prefix(candidate, self.limit)
-                text = head[len(self.sent) :] if head.startswith(self.sent) else ""
-        self.sent += text
+                text = head[len(sent) :] if head.startswith(sent) else ""
+        self._sent.append(text)
         return text
+
+    @property
+    def sent(self) -> str:
+        return str(self._sent)
 
 
 FENCE = re.compile(r"^\s*```[\w-]*\s*\n(.*?)\n?```\s*$", re.S)

@@ -3,7 +3,8 @@
 fastapi-poe hides HTTP statuses behind a generic BotError and retries dropped connections even
 after text was yielded (which duplicates text). So: an httpx response hook recovers the status
 and body of a failed query, fastapi-poe's own retry is off, and we retry only where nothing can
-have been produced yet (a refused connection).
+have been produced yet (a refused connection, or a reused one that the server closed before it
+answered). Connections are reused across queries (reuse.py).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import asyncio
 import json
 import logging
 import re
+import weakref
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -29,6 +31,7 @@ from fastapi_poe.types import Attachment, MetaResponse, QueryRequest
 
 from addon.errors import PoeFailure
 from addon.files import FileInput
+from addon.reuse import FinishAfterDone
 
 logger = logging.getLogger(__name__)
 # httpx logs every request line at INFO; the addon logs one line per answered call instead.
@@ -75,12 +78,16 @@ async def _raise_for_status(response: httpx.Response) -> None:
     # Only the query itself streams events; report_error and friends must not raise here.
     if response.status_code < 400:
         return
-    if response.request.headers.get("accept") != "text/event-stream":
+    if not _is_query(response):
         return
     await response.aread()
     raise _HTTPStatusError(
         response.status_code, response.text[:2000], response.headers.get("retry-after")
     )
+
+
+def _is_query(response: httpx.Response) -> bool:
+    return response.request.headers.get("accept") == "text/event-stream"
 
 
 def _log_poe_error(exc: Exception, message: str) -> None:
@@ -150,6 +157,9 @@ class PoeClient:
         # Clients resend the whole history every turn: upload the same bytes (or URL) once.
         self._uploaded: OrderedDict[str, Attachment] = OrderedDict()
         self._uploading: dict[str, asyncio.Future[Attachment]] = {}
+        self._finishing: set[asyncio.Task[None]] = set()  # bodies read to the end after done
+        # Queries whose response headers arrived (a failure after that is never resent).
+        self._answered: weakref.WeakSet[httpx.Request] = weakref.WeakSet()
         self.session = httpx.AsyncClient(
             # Never read HTTPS_PROXY / SSL_CERT_FILE: set for the *client's* sake they would loop
             # Poe calls back through mitmproxy or break Poe's TLS.
@@ -158,10 +168,20 @@ class PoeClient:
             timeout=httpx.Timeout(connect=20, read=600, write=60, pool=None),
             # The default cap of 100 connections would queue the 101st concurrent stream.
             limits=httpx.Limits(max_connections=None, max_keepalive_connections=64),
-            event_hooks={"response": [_raise_for_status]},
+            # _reuse_connection first: it notes that Poe answered, even with an error status.
+            event_hooks={"response": [self._reuse_connection, _raise_for_status]},
         )
 
+    async def _reuse_connection(self, response: httpx.Response) -> None:
+        if _is_query(response):
+            self._answered.add(response.request)
+            if response.status_code < 400:
+                response.stream = FinishAfterDone(response.stream, self._finishing)
+
     async def aclose(self) -> None:
+        for task in list(self._finishing):
+            task.cancel()
+        await asyncio.gather(*self._finishing, return_exceptions=True)
         await self.session.aclose()
 
     async def stream(self, query: QueryRequest, bot: str, api_key: str) -> AsyncIterator[PoeEvent]:
@@ -192,10 +212,24 @@ class PoeClient:
             except (BotError, httpx.HTTPError) as exc:
                 cause = exc.__cause__ if isinstance(exc, BotError) else exc
                 refused = isinstance(cause, (httpx.ConnectError, httpx.ConnectTimeout))
-                if refused and not produced and attempt < self.CONNECT_RETRIES:
-                    await asyncio.sleep(0.3)
-                    continue
+                if not produced and attempt < self.CONNECT_RETRIES:
+                    if refused:
+                        await asyncio.sleep(0.3)
+                        continue
+                    if self._unanswered(cause):
+                        continue
                 raise PoeError(_failure_from(exc, bot)) from None
+
+    def _unanswered(self, exc: BaseException | None) -> bool:
+        """A query lost before Poe's response headers: on a reused connection, the server
+        closing it (idle too long) just as the query went out. Nothing ran, so it is resent."""
+        if not isinstance(exc, (httpx.ReadError, httpx.WriteError, httpx.RemoteProtocolError)):
+            return False
+        try:
+            request = exc.request
+        except RuntimeError:  # no request attached: not a query we sent
+            return False
+        return request not in self._answered
 
     async def upload(self, file: FileInput, api_key: str) -> Attachment:
         """Hand a picture or file to Poe once; later requests reuse the attachment."""

@@ -17,7 +17,9 @@ from addon.chat import ChatReply
 from addon.config import Timeouts
 from addon.errors import OpenAIError, PoeFailure
 from addon.limits import StopFilter, TokenLimit, clean_json
+from addon.pacing import Watchdog
 from addon.poe import PoeError, PoeEvent
+from addon.textbuffer import TextBuffer
 from addon.tokens import TokenCounter
 
 
@@ -58,13 +60,15 @@ class ReplyRunner:
         self.events = events
         self.bot = bot
         self.timeouts = timeouts or Timeouts()
-        self.deadline = asyncio.get_running_loop().time() + self.timeouts.total
+        self._loop = asyncio.get_running_loop()
+        self.deadline = self._loop.time() + self.timeouts.total
+        self._watchdog = Watchdog()  # one timer for all of this answer's waits on Poe
         self.key = ""  # the Poe key that answers (set by whoever starts the runner)
         self.reply = ChatReply(parallel_tool_calls)
         self.stop = StopFilter(stop or [])
         self.limit = TokenLimit(counter, max_tokens)
         self.json_mode = json_mode
-        self.text = ""  # what the client has been given
+        self._text = TextBuffer()  # what the client has been given
         self.cut = False  # a stop sequence or the token limit ended the answer early
         self.finish_reason: str | None = None
         self._pending: list[Piece] = []
@@ -75,7 +79,7 @@ class ReplyRunner:
         text = self.stop.feed(text)
         text = self.limit.feed(text)
         self.cut = self.stop.stopped or self.limit.reached
-        self.text += text
+        self._text.append(text)
         if self.json_mode:
             text = ""  # checked and sent whole at the end
         if not text and not deltas:
@@ -87,12 +91,12 @@ class ReplyRunner:
 
     async def _next(self, first: bool) -> PoeEvent | None:
         """Poe's next event, or None at the end; PoeError when Poe is silent too long."""
-        limit = self.timeouts.first_event if first else self.timeouts.idle
-        remaining = self.deadline - asyncio.get_running_loop().time()
-        kind = "total" if remaining <= limit else "first event" if first else "idle"
+        due = self._loop.time() + (self.timeouts.first_event if first else self.timeouts.idle)
+        kind = "first event" if first else "idle"
+        if self.deadline <= due:
+            due, kind = self.deadline, "total"
         try:
-            async with asyncio.timeout(max(0.0, min(limit, remaining))):
-                return await anext(self.events)
+            return await self._watchdog.wait(anext(self.events), due)
         except StopAsyncIteration:
             return None
         except TimeoutError:
@@ -149,8 +153,17 @@ class ReplyRunner:
         piece = self._piece(held, []) if held else None
         text = piece.text if piece else ""
         rest = self.limit.feed(self.stop.flush()) if not self.cut else ""
-        self.text += rest
+        self._text.append(rest)
         return "" if self.json_mode else text + rest
+
+    @property
+    def text(self) -> str:
+        """What the client has been given (the JSON checked, in JSON mode)."""
+        return str(self._text)
+
+    @text.setter
+    def text(self, value: str) -> None:
+        self._text = TextBuffer(value)
 
     @property
     def final_text(self) -> str:
@@ -164,6 +177,7 @@ class ReplyRunner:
         return self.reply.tools.merged()
 
     async def aclose(self) -> None:
+        self._watchdog.close()
         with contextlib.suppress(Exception):
             await self.events.aclose()  # type: ignore[attr-defined]
 
@@ -200,29 +214,3 @@ async def merge(runners: list[ReplyRunner]) -> AsyncIterator[Piece]:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-
-
-async def with_ticks(source: AsyncIterator[Any], interval: float) -> AsyncIterator[Any]:
-    """``source``'s items, and None whenever ``interval`` seconds pass without one (a stream
-    sends a keep-alive then). The pending item is never cancelled by a tick."""
-    iterator = aiter(source)
-    pending: asyncio.Task[Any] | None = None
-    try:
-        while True:
-            if pending is None:
-                pending = asyncio.ensure_future(anext(iterator))
-            done, _ = await asyncio.wait({pending}, timeout=interval)
-            if not done:
-                yield None
-                continue
-            task, pending = pending, None
-            try:
-                item = task.result()
-            except StopAsyncIteration:
-                return
-            yield item
-    finally:
-        if pending is not None:
-            pending.cancel()
-            with contextlib.suppress(BaseException):
-                await pending

@@ -238,6 +238,8 @@ class Recorded:
     status: int = 200
     headers: dict[str, str] = field(default_factory=dict, repr=False)
     raw_body: bytes = field(default=b"", repr=False)
+    # (host, port) of the client's TCP connection: tells whether the client reused one.
+    client: tuple[str, int] | None = None
 
     def mark_disconnected(self) -> None:
         if self.disconnected is None and self.finished is None:
@@ -574,6 +576,7 @@ class FakePoe:
             started=time.monotonic(),
             headers=dict(request.headers),
             raw_body=raw_body,
+            client=(request.client.host, request.client.port) if request.client else None,
         )
         with self._lock:
             self.requests.append(rec)

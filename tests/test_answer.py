@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 from fastapi_poe.types import Attachment
 
@@ -118,3 +120,21 @@ def test_inline_ref_file_defines_the_reference() -> None:
         url="https://p.test/a.png", content_type="image/png", name="a.png", inline_ref="img1"
     )
     assert attachment_markdown(ref) == "[img1]: https://p.test/a.png"
+
+
+def test_per_event_work_does_not_grow_with_the_answer() -> None:
+    # A long answer must not be copied (or scanned) whole on every event.
+    answer = AnswerStream()
+
+    def batch() -> float:
+        started = time.perf_counter()
+        for _ in range(1000):
+            answer.text("tok ")
+        return time.perf_counter() - started
+
+    early = min(batch() for _ in range(3))
+    for _ in range(250):
+        answer.text("word " * 800)  # a million characters
+    late = min(batch() for _ in range(3))
+    assert late < 5 * early, f"{late * 1000:.1f} ms vs {early * 1000:.1f} ms per 1000 events"
+    assert answer.answer == answer.client and len(answer.answer) == 6000 * 4 + 250 * 4000

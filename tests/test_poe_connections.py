@@ -1,0 +1,116 @@
+"""Connections to Poe: reused between queries, never held by a server that keeps a body open,
+and a query lost on a connection the server closed is resent."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import httpx
+import pytest
+from fake_poe import FakePoe, no_done, raw, sleep, text
+from fastapi_poe.types import ProtocolMessage, QueryRequest
+from harness import Mitmdump
+
+from addon.poe import PoeClient, PoeError
+
+USER = [{"role": "user", "content": "hi"}]
+QUERIES = 8
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_sequential_queries_reuse_one_poe_connection(
+    proxy: Mitmdump, fake_poe: FakePoe, bot: str, stream: bool
+) -> None:
+    # fastapi-poe stops reading at "done"; without finishing the body, httpx drops the
+    # connection and every query opens a new one.
+    fake_poe.script(bot, [text("Hello"), text(" world")])
+    with proxy.http() as http:
+        for _ in range(QUERIES):
+            r = http.post(
+                "/v1/chat/completions", json={"model": bot, "messages": USER, "stream": stream}
+            )
+            assert r.status_code == 200 and "world" in r.text
+    clients = {rec.client for rec in fake_poe.requests_for(bot)}
+    assert len(fake_poe.requests_for(bot)) == QUERIES
+    assert len(clients) <= 2, f"{QUERIES} queries over {len(clients)} connections"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_body_left_open_after_done_neither_delays_the_answer_nor_holds_the_connection(
+    proxy: Mitmdump, fake_poe: FakePoe, bot: str, stream: bool
+) -> None:
+    fake_poe.script(bot, [text("Hello"), raw("event: done\ndata: {}\n\n"), sleep(30), no_done()])
+    with proxy.http() as http:
+        assert http.get("/v1/models").status_code == 200  # a warm proxy: timing is the point
+        started = time.monotonic()
+        r = http.post(
+            "/v1/chat/completions", json={"model": bot, "messages": USER, "stream": stream}
+        )
+        took = time.monotonic() - started
+    assert r.status_code == 200 and "Hello" in r.text
+    assert took < 1.0
+    # The addon gives up on the rest of the body after a bounded wait (2 s).
+    assert fake_poe.wait_for(lambda: fake_poe.requests_for(bot)[0].disconnected is not None, 5)
+
+
+# --- a reused connection the server closed: resent only when Poe never answered -----------------
+
+ANSWER = b'event: text\ndata: {"text": "hi"}\n\nevent: done\ndata: {}\n\n'
+
+
+def mocked(handler: Callable[[httpx.Request], Awaitable[httpx.Response]]) -> PoeClient:
+    client = PoeClient("http://poe.test/bot/")
+    client.session = httpx.AsyncClient(
+        transport=httpx.MockTransport(handler), event_hooks=client.session.event_hooks
+    )
+    return client
+
+
+def query() -> QueryRequest:
+    message = ProtocolMessage(role="user", content="hello")
+    return QueryRequest(
+        version="1.0", type="query", query=[message], user_id="u", conversation_id="c",
+        message_id="m",
+    )  # fmt: skip
+
+
+async def texts(client: PoeClient) -> list[str]:
+    try:
+        return [event.text async for event in client.stream(query(), "Bot", "key")]
+    finally:
+        await client.aclose()
+
+
+def test_a_query_lost_before_any_response_is_resent_once() -> None:
+    calls = 0
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        nonlocal calls
+        calls += 1
+        if calls == 1:  # the server closed the idle connection as the query went out
+            raise httpx.ReadError("connection reset by peer", request=request)
+        return httpx.Response(200, headers={"content-type": "text/event-stream"}, content=ANSWER)
+
+    assert asyncio.run(texts(mocked(handler))) == ["hi"]
+    assert calls == 2
+
+
+def test_a_query_lost_after_the_response_began_is_not_resent() -> None:
+    calls = 0
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        nonlocal calls
+        calls += 1
+
+        async def body() -> AsyncIterator[bytes]:
+            raise httpx.ReadError("connection reset by peer", request=request)
+            yield b""  # an async generator
+
+        return httpx.Response(200, headers={"content-type": "text/event-stream"}, content=body())
+
+    with pytest.raises(PoeError) as info:
+        asyncio.run(texts(mocked(handler)))
+    assert info.value.failure.transport is not None and "ReadError" in info.value.failure.transport
+    assert calls == 1
