@@ -22,8 +22,9 @@ from starlette.routing import Route
 from starlette.types import Lifespan
 
 from addon import handlers
+from addon.bounds import too_deep
 from addon.errors import OpenAIError, internal_error, not_found
-from addon.service import FLOW_HEADER, Service, error_response, too_deep
+from addon.service import FLOW_HEADER, Service, error_response
 
 logger = logging.getLogger(__name__)
 
@@ -195,13 +196,12 @@ class OpenAICORSMiddleware(CORSMiddleware):
 async def _http_exception(request: Request, exc: Exception) -> Response:
     """Starlette's own refusals (no route matched, a method a route does not take) in
     OpenAI's shape: paths the catch-all route cannot match (a newline in them) end here."""
-    status = exc.status_code if isinstance(exc, HTTPException) else 500
-    if status == 404:
+    assert isinstance(exc, HTTPException)  # registered for HTTPException only
+    if exc.status_code == 404:
         return error_response(unknown_url(request))
-    if status == 405:
+    if exc.status_code == 405:
         return _method_not_allowed(request)
-    detail = exc.detail if isinstance(exc, HTTPException) else "Internal error"
-    return error_response(OpenAIError(status, str(detail), "invalid_request_error"))
+    return error_response(OpenAIError(exc.status_code, exc.detail, "invalid_request_error"))
 
 
 def _method_not_allowed(request: Request) -> Response:

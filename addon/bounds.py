@@ -21,7 +21,7 @@ def check_bounds(value: Any, param: str) -> None:
         node, depth = stack.pop()
         nodes += 1
         if nodes > MAX_NODES:
-            raise _too_big(param)
+            raise too_big(param)
         if isinstance(node, dict):
             children: Any = node.values()
         elif isinstance(node, list):
@@ -29,13 +29,16 @@ def check_bounds(value: Any, param: str) -> None:
         else:
             continue
         if depth > MAX_DEPTH:
-            raise _too_deep(param)
+            raise too_deep(param)
         stack.extend((child, depth + 1) for child in children)
 
 
-def _too_deep(param: str) -> OpenAIError:
+def too_deep(param: str | None = None) -> OpenAIError:
+    """``param`` (None: the whole request body) nests deeper than this proxy or Poe takes."""
+    if param is None:  # too deep for Python's parser or for a walk over the body
+        return bad_request("The request body nests objects or arrays too deeply.")
     return bad_request(f"{param} nests objects or arrays too deeply (over {MAX_DEPTH}).", param)
 
 
-def _too_big(param: str) -> OpenAIError:
+def too_big(param: str) -> OpenAIError:
     return bad_request(f"{param} is too large (over {MAX_NODES} values).", param)

@@ -16,6 +16,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
+from addon.bounds import too_deep
 from addon.config import Settings
 from addon.errors import OpenAIError, bad_request, invalid_api_key
 from addon.keys import KeyPool
@@ -183,10 +184,6 @@ async def json_body(request: Request, limit: int = MAX_BODY) -> dict[str, Any]:
             "\\uDFFF without its pair), which is not a character."
         )
     return body
-
-
-def too_deep() -> OpenAIError:
-    return bad_request("The request body nests arrays or objects too deeply.")
 
 
 # JSON can escape UTF-16 surrogates (\ud83d\ude00 is one emoji). json.loads joins pairs and

@@ -15,7 +15,6 @@ Encoding of a conversation with tool rounds (Poe's query has room for one round 
 
 from __future__ import annotations
 
-import copy
 import json
 import secrets
 from dataclasses import dataclass, field
@@ -30,26 +29,37 @@ from fastapi_poe.types import (
     ToolResultDefinition,
 )
 
-from addon.bounds import check_bounds
+from addon.bounds import MAX_NODES, check_bounds, too_big
 from addon.errors import bad_request
 
 MAX_REF_DEPTH = 8
 
 
-def _inline_refs(node: Any, defs: dict[str, Any], depth: int = 0) -> Any:
+def _inline_refs(params: dict[str, Any], defs: dict[str, Any], param: str) -> Any:
     """Replace local ``$ref``s into ``$defs``/``definitions`` with the schema they name:
-    Poe's tool definition keeps only type/properties/required, so the defs would be lost."""
-    if isinstance(node, list):
-        return [_inline_refs(item, defs, depth) for item in node]
-    if not isinstance(node, dict):
-        return node
-    ref = node.get("$ref")
-    if isinstance(ref, str) and depth < MAX_REF_DEPTH:
-        name = ref.rsplit("/", 1)[-1]
-        if ref.startswith(("#/$defs/", "#/definitions/")) and name in defs:
-            merged = {**copy.deepcopy(defs[name]), **{k: v for k, v in node.items() if k != "$ref"}}
-            return _inline_refs(merged, defs, depth + 1)
-    return {k: _inline_refs(v, defs, depth) for k, v in node.items()}
+    Poe's tool definition keeps only type/properties/required, so the defs would be lost.
+    Counts what it builds: a few defs that each name the next many times would otherwise
+    multiply into billions of values before any check could see them."""
+    built = 0
+
+    def inline(node: Any, depth: int) -> Any:
+        nonlocal built
+        built += 1
+        if built > MAX_NODES:
+            raise too_big(param)
+        if isinstance(node, list):
+            return [inline(item, depth) for item in node]
+        if not isinstance(node, dict):
+            return node
+        ref = node.get("$ref")
+        if isinstance(ref, str) and depth < MAX_REF_DEPTH:
+            name = ref.rsplit("/", 1)[-1]
+            if ref.startswith(("#/$defs/", "#/definitions/")) and name in defs:
+                merged = {**defs[name], **{k: v for k, v in node.items() if k != "$ref"}}
+                return inline(merged, depth + 1)
+        return {k: inline(v, depth) for k, v in node.items()}
+
+    return inline(params, 0)
 
 
 def _object(value: object, param: str) -> dict[str, Any]:
@@ -89,8 +99,8 @@ def parse_tools(tools: object, tool_choice: object) -> list[ToolDefinition] | No
             **_object(params.get("definitions"), f"{where}.function.parameters.definitions"),
             **_object(params.get("$defs"), f"{where}.function.parameters.$defs"),
         }
-        params = _inline_refs(params, defs)
-        check_bounds(params, f"{where}.function.parameters")  # with the $refs inlined
+        params = _inline_refs(params, defs, f"{where}.function.parameters")
+        check_bounds(params, f"{where}.function.parameters")  # deeper with the $refs inlined
         properties = _object(params.get("properties"), f"{where}.function.parameters.properties")
         required = params.get("required")
         out.append(

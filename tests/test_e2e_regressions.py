@@ -230,6 +230,26 @@ def test_deeply_nested_json_is_400(proxy: Mitmdump, depth: int) -> None:
     assert_no_traceback("".join(proxy.lines[since:]))
 
 
+def test_ref_fan_out_in_a_tool_schema_is_400_at_once(proxy: Mitmdump) -> None:
+    # Each def names the next 50 times: inlined, 50**7 values. Refused while inlining, not
+    # after (which would take the proxy's event loop for ever).
+    defs = {
+        f"d{i}": {
+            "type": "object",
+            "properties": {f"p{j}": {"$ref": f"#/$defs/d{i + 1}"} for j in range(50)},
+        }
+        for i in range(7)
+    }
+    defs["d7"] = {"type": "string"}
+    parameters = {"type": "object", "properties": {"x": {"$ref": "#/$defs/d0"}}, "$defs": defs}
+    tool = {"type": "function", "function": {"name": "f", "parameters": parameters}}
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "tools": [tool]}
+    with proxy.http(timeout=10) as http:
+        r = http.post("/v1/chat/completions", json=body)
+        assert "too large" in str(_openai_error(r, 400)["message"])
+        assert http.get("/v1/models").status_code == 200
+
+
 def test_path_no_route_can_match_is_openai_404(proxy: Mitmdump) -> None:
     with proxy.http() as http:
         r = http.get("/%0A%00")

@@ -1458,24 +1458,9 @@ SUITES: dict[str, tuple[st.SearchStrategy[Any], Callable[[Fuzzer, Any], None]]] 
 }
 
 
-def test_fuzz_chat_completion_bodies(fuzzer: Fuzzer) -> None:
-    fuzzer.run("chat_bodies")
-
-
-def test_fuzz_completions_responses_and_images_bodies(fuzzer: Fuzzer) -> None:
-    fuzzer.run("completions_responses_images_bodies")
-
-
-def test_fuzz_headers(fuzzer: Fuzzer) -> None:
-    fuzzer.run("headers")
-
-
-def test_fuzz_methods_and_paths(fuzzer: Fuzzer) -> None:
-    fuzzer.run("methods_paths")
-
-
-def test_fuzz_content_types_and_raw_bodies(fuzzer: Fuzzer) -> None:
-    fuzzer.run("content_types_raw_bodies")
+@pytest.mark.parametrize("suite", list(SUITES))
+def test_fuzz(fuzzer: Fuzzer, suite: str) -> None:
+    fuzzer.run(suite)
 
 
 def test_proxy_still_answers_after_fuzzing(fuzzer: Fuzzer, proxy: Mitmdump) -> None:
