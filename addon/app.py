@@ -73,6 +73,7 @@ def create_app(service: Service, lifespan: Lifespan[Starlette] | None = None) ->
                 )
             service.track(flow_id)  # a client that leaves cancels this task
             try:
+                await service.tokenizer_loaded()
                 response = await handler(service, request)
                 service.stats[f"{response.status_code} {request.url.path.removeprefix('/v1')}"] += 1
                 return response

@@ -8,6 +8,7 @@ import base64
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
+from functools import partial
 from typing import Any
 
 from fastapi_poe.types import ProtocolMessage, QueryRequest
@@ -21,7 +22,7 @@ from addon.keys import DEFAULT_COOLDOWN_S, OUT_OF_POINTS_COOLDOWN_S, retry_after
 from addon.pacing import with_ticks
 from addon.poe import PoeError
 from addon.runner import Piece, ReplyRunner, merge
-from addon.service import FLOW_HEADER, SSE_DONE, Auth, Service, new_id, sse
+from addon.service import FLOW_HEADER, SSE_DONE, Auth, Service, TextEvents, new_id, sse
 from addon.tokens import TokenCounter
 
 logger = logging.getLogger(__name__)
@@ -287,6 +288,7 @@ async def chat_completions(service: Service, request: Request) -> Response:
         return JSONResponse(chat.completion(completion_id, created, req.model, choices, usage))
 
     chunks = chat.ChunkFactory(completion_id, created, req.model, sampling.include_usage)
+    content = [TextEvents(partial(chunks.content, index=i)) for i in range(sampling.n)]
 
     async def body() -> AsyncIterator[bytes]:
         for index in range(sampling.n):
@@ -299,7 +301,7 @@ async def chat_completions(service: Service, request: Request) -> Response:
                 yield sse(piece.body())
                 return
             if piece.text:
-                yield sse(chunks.content(piece.text, piece.index))
+                yield content[piece.index](piece.text)
             if piece.tool_calls:
                 yield sse(chunks.tool_calls(piece.tool_calls, piece.index))
             if piece.finish:
@@ -357,15 +359,15 @@ async def legacy_completions(service: Service, request: Request) -> Response:
             completions.text_completion(completion_id, created, req.model, choices, usage)
         )
 
-    def chunk(index: int, text: str, finish: str | None = None) -> bytes:
-        return sse(
-            completions.completion_chunk(completion_id, created, req.model, index, text, finish)
-        )
+    def chunk(index: int, text: str, finish: str | None = None) -> dict[str, Any]:
+        return completions.completion_chunk(completion_id, created, req.model, index, text, finish)
+
+    text_events = [TextEvents(partial(chunk, i)) for i in range(len(queries))]
 
     async def body() -> AsyncIterator[bytes]:
         if req.echo:
             for index, prompt in enumerate(prompts):
-                yield chunk(index, prompt)
+                yield text_events[index](prompt)
         async for piece in call.pieces():
             if piece is None:
                 yield KEEPALIVE
@@ -373,8 +375,10 @@ async def legacy_completions(service: Service, request: Request) -> Response:
             if isinstance(piece, OpenAIError):
                 yield sse(piece.body())
                 return
-            if piece.text or piece.finish:
-                yield chunk(piece.index, piece.text, piece.finish)
+            if piece.finish:
+                yield sse(chunk(piece.index, piece.text, piece.finish))
+            elif piece.text:
+                yield text_events[piece.index](piece.text)
         if sampling.include_usage:
             usage = chat.usage(prompt_tokens, sum(counter.count(r.text) for r in call.runners))
             yield sse(

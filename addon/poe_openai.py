@@ -28,7 +28,7 @@ from mitmproxy import command, contentviews, ctx, exceptions, http
 from mitmproxy.addonmanager import Loader
 from mitmproxy.proxy.mode_specs import LocalMode, ProxyMode, RegularMode, ReverseMode
 
-from addon import tokens, views
+from addon import views
 from addon.app import FLOW_HEADER, create_app
 from addon.config import (
     DEFAULT_BASE_URL,
@@ -332,9 +332,8 @@ class PoeOpenAI:
         raise_open_file_limit()
         if self.watcher is None:
             self._ensure_server()
-            # The tokenizer tables take ~0.2 s to load: not on the first request's time.
+            self.service.load_tokenizer()
             loop = asyncio.get_running_loop()
-            loop.run_in_executor(None, tokens.warm_up)
             with contextlib.suppress(NotImplementedError, RuntimeError, AttributeError):
                 loop.add_signal_handler(signal.SIGUSR1, self.log_status)
             self.watcher = loop.create_task(self.watch_mappings())

@@ -9,13 +9,14 @@ import json
 import re
 import secrets
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
+from addon import tokens
 from addon.bounds import too_deep
 from addon.config import Settings
 from addon.errors import OpenAIError, bad_request, invalid_api_key
@@ -52,6 +53,7 @@ class Service:
     gone: set[str] = field(default_factory=set)  # flows whose client left
     stats: Counter[str] = field(default_factory=Counter)  # answers and errors, by kind
     flow_info: dict[str, dict[str, Any]] = field(default_factory=dict)  # for mitmproxy's views
+    tokenizer: asyncio.Future[None] | None = None  # the token tables loading (tokens.warm_up)
     pool: KeyPool = field(init=False)
 
     def __post_init__(self) -> None:
@@ -62,6 +64,16 @@ class Service:
             self.pool = KeyPool(settings.api_keys)
         self.settings = settings
         self.model_map = model_map
+
+    def load_tokenizer(self) -> None:
+        """Load the token tables in a thread, from the running loop, once: they take about a
+        second, and loaded by the first request they would stall every flow meanwhile."""
+        if self.tokenizer is None:
+            self.tokenizer = asyncio.get_running_loop().run_in_executor(None, tokens.warm_up)
+
+    async def tokenizer_loaded(self) -> None:
+        if self.tokenizer is not None and not self.tokenizer.done():
+            await asyncio.shield(self.tokenizer)  # waits off the loop; other flows go on
 
     async def json(self, request: Request) -> dict[str, Any]:
         return await json_body(request, self.settings.max_body_bytes)
@@ -148,6 +160,28 @@ def error_response(error: OpenAIError) -> JSONResponse:
 
 def sse(data: dict[str, Any]) -> bytes:
     return b"data: " + json.dumps(data, separators=(",", ":")).encode() + b"\n\n"
+
+
+_HOLE = "\x00poe-openai text goes here\x00"
+
+
+class TextEvents:
+    """The SSE events of one stream that differ only in one text (a content delta): the rest
+    of the event is rendered once, so each token costs one string escape, not a JSON dump."""
+
+    def __init__(self, render: Callable[[str], dict[str, Any]]) -> None:
+        self._render = render
+        template = sse(render(_HOLE))
+        self._prefix, _, self._suffix = template.partition(json.dumps(_HOLE).encode())
+        # The hole must be the template's only text of that kind; a client's model name
+        # could in theory hold it too, and then every event is rendered in full.
+        self._exact = template.count(json.dumps(_HOLE).encode()) == 1
+
+    def __call__(self, text: str) -> bytes:
+        if not self._exact:
+            return sse(self._render(text))
+        # json.dumps of a str is the C escaper (ASCII out), the same bytes sse() would write
+        return self._prefix + json.dumps(text).encode() + self._suffix
 
 
 def new_id() -> str:

@@ -67,6 +67,7 @@ def create(env: Mapping[str, str] | None = None) -> Starlette:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        service.load_tokenizer()
         yield
         await poe.aclose()
 

@@ -43,7 +43,7 @@ def encoding_name(model: str) -> str:
 
 
 def warm_up() -> None:
-    """Load the tables (about 0.1 s each) before the first request needs them."""
+    """Load the tables (about a second for both on a small machine), before a request needs them."""
     for name in ("o200k_base", "cl100k_base"):
         _encoding(name)
 

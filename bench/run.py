@@ -267,30 +267,35 @@ def history(kb: int) -> list[dict[str, str]]:
 # --- 1. time to first token ----------------------------------------------------------------
 
 
+def ttft_ms(
+    client: httpx.Client, url: str, body: bytes, headers: dict[str, str], addon: bool
+) -> float:
+    """One streamed request: milliseconds to the first line carrying answer text."""
+    t0 = time.perf_counter()
+    first = None
+    with client.stream("POST", url, content=body, headers=headers) as resp:
+        if resp.status_code != 200:
+            raise RuntimeError(f"{url}: HTTP {resp.status_code}")
+        for line in resp.iter_lines():
+            if first is not None:
+                continue  # drain, so the connection is reused
+            if addon:
+                hit = line.startswith("data: {") and '"content":"' in line
+                hit = hit and '"content":""' not in line  # not the role chunk
+            else:
+                hit = line == "event: text"
+            if hit:
+                first = time.perf_counter()
+    if first is None:
+        raise RuntimeError(f"{url}: no text")
+    return (first - t0) * 1000
+
+
 def first_token(plan: Plan, m: Mitmdump, poe: PoeServer) -> dict[str, Any]:
     addon_url = f"{m.reverse_url}/chat/completions"
     direct_url = f"{poe.base_url}Hi"
     addon_body, direct_body = chat_body("Hi", True), poe_body()
-
-    def timed(client: httpx.Client, url: str, body: bytes, headers: dict[str, str], addon: bool):
-        t0 = time.perf_counter()
-        first = None
-        with client.stream("POST", url, content=body, headers=headers) as resp:
-            if resp.status_code != 200:
-                raise RuntimeError(f"{url}: HTTP {resp.status_code}")
-            for line in resp.iter_lines():
-                if first is not None:
-                    continue  # drain, so the connection is reused
-                if addon:
-                    hit = line.startswith("data: {") and '"content":"' in line
-                    hit = hit and '"content":""' not in line  # not the role chunk
-                else:
-                    hit = line == "event: text"
-                if hit:
-                    first = time.perf_counter()
-        if first is None:
-            raise RuntimeError(f"{url}: no text")
-        return (first - t0) * 1000
+    timed = ttft_ms
 
     addon_ms: list[float] = []
     direct_ms: list[float] = []
@@ -326,38 +331,52 @@ def first_token(plan: Plan, m: Mitmdump, poe: PoeServer) -> dict[str, Any]:
 # --- 2. per-token forwarding ---------------------------------------------------------------
 
 
+def new_stamps() -> dict[str, Any]:
+    return {"chunks": 0, "most_stamps_per_chunk": 0, "delays": []}
+
+
+def stamp_run(
+    client: httpx.Client,
+    url: str,
+    body: bytes,
+    headers: dict[str, str],
+    via_addon: bool,
+    acc: dict[str, Any],
+) -> None:
+    """One stamped stream: per chunk, the delay since the stand-in wrote each stamp in it."""
+    with client.stream("POST", url, content=body, headers=headers) as resp:
+        for line in resp.iter_lines():
+            now = time.time()  # arrival, before any parsing
+            if not line.startswith("data: {"):
+                continue
+            data = json.loads(line[6:])
+            if via_addon:
+                choices = data.get("choices") or [{}]
+                content = choices[0].get("delta", {}).get("content")
+            else:
+                content = data.get("text")
+            if not content:
+                continue
+            stamps = content.split("|")[:-1]
+            acc["chunks"] += 1
+            acc["most_stamps_per_chunk"] = max(acc["most_stamps_per_chunk"], len(stamps))
+            acc["delays"] += [(now - float(s)) * 1000 for s in stamps]
+
+
 def per_token(plan: Plan, m: Mitmdump, poe: PoeServer) -> dict[str, Any]:
     bot = f"Stamp-{plan.token_events}-{plan.token_interval_ms}"
-    addon = {"chunks": 0, "most_stamps_per_chunk": 0, "delays": []}
-    direct = {"chunks": 0, "most_stamps_per_chunk": 0, "delays": []}
+    addon, direct = new_stamps(), new_stamps()
 
     def run(client: httpx.Client, via_addon: bool) -> None:
-        acc = addon if via_addon else direct
         if via_addon:
             url, body, headers = (
                 f"{m.reverse_url}/chat/completions",
                 chat_body(bot, True),
                 CLIENT_HEADERS,
             )
+            stamp_run(client, url, body, headers, True, addon)
         else:
-            url, body, headers = f"{poe.base_url}{bot}", poe_body(), POE_HEADERS
-        with client.stream("POST", url, content=body, headers=headers) as resp:
-            for line in resp.iter_lines():
-                now = time.time()  # arrival, before any parsing
-                if not line.startswith("data: {"):
-                    continue
-                data = json.loads(line[6:])
-                if via_addon:
-                    choices = data.get("choices") or [{}]
-                    content = choices[0].get("delta", {}).get("content")
-                else:
-                    content = data.get("text")
-                if not content:
-                    continue
-                stamps = content.split("|")[:-1]
-                acc["chunks"] += 1
-                acc["most_stamps_per_chunk"] = max(acc["most_stamps_per_chunk"], len(stamps))
-                acc["delays"] += [(now - float(s)) * 1000 for s in stamps]
+            stamp_run(client, f"{poe.base_url}{bot}", poe_body(), POE_HEADERS, False, direct)
 
     with httpx.Client(trust_env=False, timeout=60) as client:
         run(client, True), run(client, False)  # warm-up

@@ -274,3 +274,21 @@ def test_cors_preflights(proxy: Mitmdump, asked: dict[str, str]) -> None:
     else:
         assert _openai_error(r, 400)["message"].startswith("CORS preflight refused")
         assert r.headers["access-control-allow-origin"] == "*"
+
+
+def test_a_stream_right_after_start_up_is_streamed(fake_poe: FakePoe, bot: str) -> None:
+    # The token tables take about a second to load. The first request used to load them
+    # itself when it came before the start-up thread finished: the event loop stalled, and
+    # the whole answer arrived at once at the end, for every flow at that moment.
+    fake_poe.script(bot, [text("a"), sleep(0.6), text("b")])
+    body = {"model": bot, "messages": USER, "stream": True}
+    opts = poe_options(fake_poe, poe_api_key=POE_KEY)
+    with Mitmdump(options=opts, regular=False) as m, m.http() as http:
+        arrivals: dict[str, float] = {}
+        with http.stream("POST", "/v1/chat/completions", json=body) as resp:
+            assert resp.status_code == 200
+            for line in resp.iter_lines():
+                for letter in "ab":
+                    if f'"content":"{letter}"' in line:
+                        arrivals[letter] = time.monotonic()
+        assert arrivals["b"] - arrivals["a"] > 0.4  # "a" came before "b" was even sent

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ from addon.config import ConfigError, normalize_host, parse_settings, split_secr
 from addon.errors import OpenAIError, PoeFailure, classify_failure
 from addon.mappings import MappingError, ModelMap, load_mappings, parse_mappings
 from addon.routing import is_answered
+from addon.service import TextEvents, sse
 from addon.tokens import TokenCounter
 
 MAP = ModelMap({"gpt-4o": "GPT-4o", "gpt-3.5-turbo": "ChatGPT-16k"})
@@ -302,3 +304,21 @@ def test_routing_by_mode_host_and_sni() -> None:
     assert not is_answered(
         regular, hosts, host="example.com", host_header="example.com", sni="example.com"
     )
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["", "a", 'quote " and \\ backslash', "line\nbreak\ttab", "é中文🙂", "\ud800 lone", "\x00"],
+)
+@pytest.mark.parametrize(
+    "model", ["gpt-4o", 'odd "model" \u2028', "\x00poe-openai text goes here\x00"]
+)
+def test_content_events_from_a_template_are_the_full_rendering(text: str, model: str) -> None:
+    # Each streamed token is rendered from a template made once per stream; the bytes must be
+    # exactly what rendering the whole chunk would give (the last model name holds the
+    # template's own placeholder, so that stream falls back to full rendering).
+    for usage in (False, True):
+        chunks = chat.ChunkFactory("chatcmpl-1", 1700000000, model, usage)
+        for index in (0, 3):
+            events = TextEvents(partial(chunks.content, index=index))
+            assert events(text) == sse(chunks.content(text, index))
