@@ -23,7 +23,7 @@ from starlette.types import Lifespan
 
 from addon import handlers
 from addon.bounds import too_deep
-from addon.errors import OpenAIError, internal_error, not_found
+from addon.errors import OpenAIError, internal_error, method_not_allowed, not_found
 from addon.service import FLOW_HEADER, Service, error_response
 
 logger = logging.getLogger(__name__)
@@ -206,11 +206,4 @@ async def _http_exception(request: Request, exc: Exception) -> Response:
 
 
 def _method_not_allowed(request: Request) -> Response:
-    return error_response(
-        OpenAIError(
-            405,
-            f"Method {request.method} is not allowed on {request.url.path}.",
-            "invalid_request_error",
-            "method_not_allowed",
-        )
-    )
+    return error_response(method_not_allowed(request.method, request.url.path))

@@ -203,3 +203,12 @@ def _classify_event(failure: PoeFailure) -> OpenAIError:
         return _unknown_bot(failure.bot, text)
     headers = {} if event.get("allow_retry", True) else dict(NO_RETRY)
     return OpenAIError(502, f"Poe bot error: {text}", "server_error", "poe_error", None, headers)
+
+
+def method_not_allowed(method: str, path: str) -> OpenAIError:
+    return OpenAIError(
+        405,
+        f"Method {method} is not allowed on {path}.",
+        "invalid_request_error",
+        "method_not_allowed",
+    )

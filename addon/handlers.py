@@ -291,25 +291,37 @@ async def chat_completions(service: Service, request: Request) -> Response:
     content = [TextEvents(partial(chunks.content, index=i)) for i in range(sampling.n)]
 
     async def body() -> AsyncIterator[bytes]:
-        for index in range(sampling.n):
-            yield sse(chunks.role(index))
+        # Writes are joined where nothing would wait between them: the role chunks go out
+        # with the first piece, the last finish with usage and [DONE]. Each Poe event is still
+        # written the moment it arrives; fewer writes is less work on both loopback ends.
+        held = b"".join(sse(chunks.role(index)) for index in range(sampling.n))
+        unfinished = sampling.n
         async for piece in call.pieces():
             if piece is None:
-                yield KEEPALIVE
+                yield held + KEEPALIVE
+                held = b""
                 continue
             if isinstance(piece, OpenAIError):
-                yield sse(piece.body())
+                yield held + sse(piece.body())
                 return
+            out = [held]
             if piece.text:
-                yield content[piece.index](piece.text)
+                out.append(content[piece.index](piece.text))
             if piece.tool_calls:
-                yield sse(chunks.tool_calls(piece.tool_calls, piece.index))
+                out.append(sse(chunks.tool_calls(piece.tool_calls, piece.index)))
             if piece.finish:
-                yield sse(chunks.finish(piece.finish, piece.index))
+                out.append(sse(chunks.finish(piece.finish, piece.index)))
+                unfinished -= 1
+            held = b"".join(out)
+            if unfinished:  # after the last finish, the end follows at once
+                yield held
+                held = b""
+        tail = [held]
         if sampling.include_usage:
             completion_tokens = sum(counter.count(r.text) for r in call.runners)
-            yield sse(chunks.usage(chat.usage(prompt_tokens, completion_tokens)))
-        yield SSE_DONE
+            tail.append(sse(chunks.usage(chat.usage(prompt_tokens, completion_tokens))))
+        tail.append(SSE_DONE)
+        yield b"".join(tail)
         call.done("streamed")
 
     return call.stream(request, body)

@@ -28,7 +28,7 @@ from mitmproxy import command, contentviews, ctx, exceptions, http
 from mitmproxy.addonmanager import Loader
 from mitmproxy.proxy.mode_specs import LocalMode, ProxyMode, RegularMode, ReverseMode
 
-from addon import views
+from addon import gctune, views
 from addon.app import FLOW_HEADER, create_app
 from addon.config import (
     DEFAULT_BASE_URL,
@@ -40,9 +40,10 @@ from addon.config import (
     fingerprint,
     parse_settings,
 )
-from addon.errors import OpenAIError, internal_error
+from addon.errors import OpenAIError, internal_error, method_not_allowed
 from addon.mappings import MappingError, ModelMap, load_mappings
 from addon.poe import PoeClient
+from addon.quietlog import OwnStreamNotices
 from addon.routing import is_answered
 from addon.server import LoopbackServer
 from addon.service import Service, body_too_large
@@ -51,6 +52,8 @@ from addon.status import status as status_report
 logger = logging.getLogger(__name__)
 
 METADATA_KEY = views.METADATA_KEY
+# Methods the app has routes or answers for (the rest get a 405 from the addon itself).
+APP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 SECRET_HEADERS = ("authorization", "api-key", "x-api-key")
 OPTION_NAMES = (
     "poe_api_key",
@@ -177,8 +180,10 @@ class PoeOpenAI:
         self.service: Service | None = None
         self.server: LoopbackServer | None = None
         self.watcher: asyncio.Task[None] | None = None
+        self.notices = OwnStreamNotices()
 
     def load(self, loader: Loader) -> None:
+        self.notices.install()
         for view in views.VIEWS:
             contentviews.add(view)
         loader.add_option(
@@ -331,6 +336,7 @@ class PoeOpenAI:
         assert self.service is not None and self.settings is not None
         raise_open_file_limit()
         if self.watcher is None:
+            gctune.tune()
             self._ensure_server()
             self.service.load_tokenizer()
             loop = asyncio.get_running_loop()
@@ -364,6 +370,7 @@ class PoeOpenAI:
         return self.server
 
     def done(self) -> None:
+        self.notices.uninstall()
         for view in views.VIEWS:
             with contextlib.suppress(Exception):
                 contentviews.remove(view)
@@ -438,6 +445,14 @@ class PoeOpenAI:
         if flow.response is not None or not self._answers(flow):
             return
         assert self.settings is not None
+        if flow.request.method not in APP_METHODS:
+            # No route takes it, and the loopback server's parser (llhttp) would refuse a
+            # method outside HTTP's registry with a plain-text 400.
+            path = flow.request.path.split("?", 1)[0]
+            flow.metadata.setdefault(METADATA_KEY, {"url": flow.request.pretty_url})
+            flow.response = error_response(method_not_allowed(flow.request.method, path))
+            redact(flow)
+            return
         size = flow.request.headers.get("content-length", "")
         if size.isdigit() and int(size) > self.settings.max_body_bytes:
             # Answer before mitmproxy reads (and buffers) a body this large.
@@ -490,6 +505,7 @@ class PoeOpenAI:
         if flow.response.headers.get("content-type", "").startswith("text/event-stream"):
             limit = ctx.options.poe_stream_store_limit
             flow.response.stream = StoredStream(flow, limit) if limit else True
+            self.notices.expect(flow.client_conn.peername, flow.request.host)
 
     def response(self, flow: http.HTTPFlow) -> None:
         self._explain(flow)
@@ -499,6 +515,7 @@ class PoeOpenAI:
         meta = flow.metadata.get(METADATA_KEY)
         if meta is None or self.service is None:
             return
+        self.notices.forget(flow.client_conn.peername, flow.request.host)
         info = self.service.flow_info.pop(flow.id, None)
         if info is None:
             return

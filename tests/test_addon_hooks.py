@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import gc
 import json
+import logging
 
 from mitmproxy.addons.proxyserver import Proxyserver
 from mitmproxy.test import taddons, tflow
 
+from addon import gctune
 from addon.poe_openai import PoeOpenAI, redact
+from addon.quietlog import OwnStreamNotices
 
 
 def openai_flow(host: str = "api.openai.com") -> object:
@@ -80,3 +84,34 @@ def test_open_relay_guard() -> None:
         tctx.configure(
             addon, mode=["reverse:https://api.openai.com@0.0.0.0:8000"], poe_allow_open_relay=True
         )
+
+
+def test_only_the_addons_own_stream_notices_are_dropped() -> None:
+    notices = OwnStreamNotices()
+
+    def kept(client: object, msg: str) -> bool:
+        record = logging.LogRecord("mitmproxy.proxy.server", logging.INFO, "", 0, msg, None, None)
+        record.client = client
+        return notices.filter(record)
+
+    ours, other = ("127.0.0.1", 5000), ("127.0.0.1", 5001)
+    notices.expect(ours, "api.openai.com")
+    assert kept(other, "Streaming response from api.openai.com.")  # another connection
+    assert kept(ours, "Streaming response from example.com.")  # another host
+    assert not kept(ours, "Streaming response from api.openai.com.")
+    assert kept(ours, "Streaming response from api.openai.com.")  # one notice per expectation
+    notices.expect(ours, "api.openai.com")
+    notices.forget(ours, "api.openai.com")  # the flow failed before its notice
+    assert kept(ours, "Streaming response from api.openai.com.")
+    assert not notices.expected
+
+
+def test_objects_alive_at_start_up_are_frozen_out_of_collections() -> None:
+    # Full collections walked every module, class and table on each pass (~150 ms pauses
+    # under load); frozen, they skip them (bench/README.md).
+    gc.unfreeze()
+    try:
+        gctune.tune()
+        assert gc.get_freeze_count() > 10_000
+    finally:
+        gc.unfreeze()

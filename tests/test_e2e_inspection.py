@@ -57,6 +57,24 @@ def test_flows_carry_comment_views_and_stored_stream(
     assert '"role": "user"' in rendered and "hi there" in rendered
 
 
+def test_log_does_not_claim_answers_stream_from_openai(
+    proxy: Mitmdump, fake_poe: FakePoe, bot: str
+) -> None:
+    # mitmproxy notes "Streaming response from api.openai.com." for every stream; for the
+    # addon's answers that is untrue, so that line goes and the addon's own line stays.
+    fake_poe.script(bot, [text("Hello")])
+    before = len(proxy.lines)
+    for client in (proxy.reverse_client(), proxy.proxy_client()):
+        list(client.chat.completions.create(model=bot, messages=USER, stream=True))
+    deadline = time.monotonic() + 5
+    while sum("streamed in" in x and bot in x for x in proxy.lines[before:]) < 2:
+        assert time.monotonic() < deadline, "no 'streamed in' lines"
+        time.sleep(0.02)
+    time.sleep(0.2)  # mitmproxy's line would have come before the addon's
+    lines = proxy.lines[before:]
+    assert not [line for line in lines if "Streaming response from" in line]
+
+
 def test_status_on_sigusr1(proxy: Mitmdump, fake_poe: FakePoe, bot: str) -> None:
     fake_poe.script(bot, [text("ok")])
     proxy.reverse_client().chat.completions.create(model=bot, messages=USER)

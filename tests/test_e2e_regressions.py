@@ -292,3 +292,15 @@ def test_a_stream_right_after_start_up_is_streamed(fake_poe: FakePoe, bot: str) 
                     if f'"content":"{letter}"' in line:
                         arrivals[letter] = time.monotonic()
         assert arrivals["b"] - arrivals["a"] > 0.4  # "a" came before "b" was even sent
+
+
+@pytest.mark.parametrize("method", ["FOO", "0", "PROPFIND"])
+def test_a_method_no_route_takes_gets_an_openai_405(proxy: Mitmdump, method: str) -> None:
+    # The fuzz suite found these answered with the loopback parser's plain-text 400
+    # ("Invalid HTTP request received.") once the loopback server parsed with httptools.
+    with proxy.http() as http:
+        r = http.request(method, "/v1/models?x=1")
+    assert r.status_code == 405
+    assert r.json()["error"]["code"] == "method_not_allowed"
+    assert r.json()["error"]["message"] == f"Method {method} is not allowed on /v1/models."
+    assert r.headers["access-control-allow-origin"] == "*"
