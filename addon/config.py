@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 from collections.abc import Iterable, Mapping
@@ -190,7 +191,10 @@ def _key_file(path: str) -> list[str]:
     return keys
 
 
+@functools.lru_cache(maxsize=256)
 def fingerprint(secret: str) -> str:
     """A short, non-reversible tag that tells keys apart in logs ("key#3fa2c1")."""
+    # Cached: inside mitmdump (OpenSSL 3, as mitmproxy loads it) each new sha256 costs ~10 us,
+    # and a request takes several tags (bench/run.py --profile).
     # surrogateescape: header values with odd bytes must not make redaction fail
     return "key#" + hashlib.sha256(secret.encode("utf-8", "surrogateescape")).hexdigest()[:6]
