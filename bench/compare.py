@@ -42,6 +42,8 @@ from run import (
 )
 
 REPO = BENCH.parent
+Figures = dict[str, dict[str, float]]
+Ratios = dict[str, tuple[float, float, float]]
 
 
 class ScriptMitmdump(Mitmdump):
@@ -75,7 +77,7 @@ def export(rev: str, into: Path) -> Path:
     return into / "addon" / "poe_openai.py"
 
 
-def compare(rounds: int, ttft_requests: int, base_rev: str) -> dict[str, dict[str, float]]:
+def compare(rounds: int, ttft_requests: int, base_rev: str) -> tuple[Figures, Ratios]:
     tmp = Path(tempfile.mkdtemp(prefix="bench-compare-"))
     poe = PoeServer()
     try:
@@ -94,7 +96,7 @@ def compare(rounds: int, ttft_requests: int, base_rev: str) -> dict[str, dict[st
 
 def measure(
     procs: dict[str, Mitmdump], poe: PoeServer, rounds: int, ttft_requests: int
-) -> dict[str, dict[str, float]]:
+) -> tuple[Figures, Ratios]:
     names = list(procs)
     ttft: dict[str, list[float]] = {n: [] for n in names}
     stamps = {n: new_stamps() for n in names}
@@ -139,7 +141,13 @@ def measure(
             "CPU ms/request JSON c=16 (median of rounds)": statistics.median(cpu[n]["json"]),
             "CPU ms/request SSE c=16 (median of rounds)": statistics.median(cpu[n]["sse"]),
         }
-    return out
+    # The machine's speed drifts between rounds: the ratio within each round (both measured
+    # back to back) is steadier than either median.
+    ratios = {}
+    for kind in ("json", "sse"):
+        per_round = [w / b for w, b in zip(cpu["work"][kind], cpu["base"][kind], strict=True)]
+        ratios[kind] = (statistics.median(per_round), min(per_round), max(per_round))
+    return out, ratios
 
 
 def main() -> None:
@@ -149,11 +157,15 @@ def main() -> None:
     parser.add_argument("--ttft-requests", type=int, default=100, help="per round and version")
     args = parser.parse_args()
     raise_client_open_files()
-    res = compare(args.rounds, args.ttft_requests, args.base)
+    res, ratios = compare(args.rounds, args.ttft_requests, args.base)
     print(f"{'figure':46} {'base':>9} {'work':>9} {'work-base':>10}")
     for figure in res["base"]:
         b, w = res["base"][figure], res["work"][figure]
         print(f"{figure:46} {r(b, 3):>9} {r(w, 3):>9} {r(w - b, 3):>+10}")
+    for kind, (median, low, high) in ratios.items():
+        print(
+            f"CPU work/base {kind}, per round: median {median:.3f} (min {low:.3f}, max {high:.3f})"
+        )
 
 
 if __name__ == "__main__":
