@@ -153,11 +153,12 @@ class Call:
     ) -> None:
         """One Poe query per choice. The status is decided by their first events; a stream
         waits for them at most poe_header_hold_s, then commits 200 and keeps waiting."""
-        self.info["poe_query"] = queries[0].model_dump(mode="json", exclude_defaults=True)
         self._starting = [
             asyncio.create_task(self._start_one(q, lambda events, i=i: make(i, events)))
             for i, q in enumerate(queries)
         ]
+        # for the flow's view; made while the queries are on their way, not before
+        self.info["poe_query"] = queries[0].model_dump(mode="json", exclude_defaults=True)
         hold = self.service.settings.timeouts.header_hold if stream else None
         try:
             done, pending = await asyncio.wait(
@@ -274,7 +275,6 @@ async def chat_completions(service: Service, request: Request) -> Response:
         )
 
     await call.start(queries, make, sampling.stream)
-    prompt_tokens = counter.messages([m.content for m in query.query])
     completion_id = "chatcmpl-" + new_id()[:24]
     created = int(time.time())
 
@@ -283,6 +283,7 @@ async def chat_completions(service: Service, request: Request) -> Response:
         choices = [
             chat.Choice(r.final_text, r.finish_reason or "stop", r.tool_calls) for r in call.runners
         ]
+        prompt_tokens = counter.messages([m.content for m in query.query])
         usage = chat.usage(prompt_tokens, sum(counter.count(c.text) for c in choices))
         call.done("answered")
         return JSONResponse(chat.completion(completion_id, created, req.model, choices, usage))
@@ -318,6 +319,8 @@ async def chat_completions(service: Service, request: Request) -> Response:
                 held = b""
         tail = [held]
         if sampling.include_usage:
+            # counted only now: a long prompt's tokens are not on the first token's path
+            prompt_tokens = counter.messages([m.content for m in query.query])
             completion_tokens = sum(counter.count(r.text) for r in call.runners)
             tail.append(sse(chunks.usage(chat.usage(prompt_tokens, completion_tokens))))
         tail.append(SSE_DONE)
