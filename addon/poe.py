@@ -10,12 +10,13 @@ answered). Connections are reused across queries (reuse.py).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import re
 import weakref
 from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -143,6 +144,7 @@ class PoeClient:
 
     CONNECT_RETRIES = 1
     UPLOAD_CACHE_SIZE = 512
+    POOLS = 8
     MAX_DOWNLOAD = 50 * 1024 * 1024
 
     def __init__(
@@ -160,17 +162,34 @@ class PoeClient:
         self._finishing: set[asyncio.Task[None]] = set()  # bodies read to the end after done
         # Queries whose response headers arrived (a failure after that is never resent).
         self._answered: weakref.WeakSet[httpx.Request] = weakref.WeakSet()
-        self.session = httpx.AsyncClient(
+        # Several pools, each query on the least busy: httpcore's pool walks all its
+        # connections (polling each idle socket) on every request start and end, which at 64
+        # concurrent streams was ~11% of mitmdump's CPU (bench/run.py --profile). Ties go to
+        # the first pool, so one query at a time keeps reusing one connection.
+        self.sessions = [self._new_session(proxy) for _ in range(self.POOLS)]
+        self._busy: dict[httpx.AsyncClient, int] = {}
+
+    def _new_session(self, proxy: str | None) -> httpx.AsyncClient:
+        return httpx.AsyncClient(
             # Never read HTTPS_PROXY / SSL_CERT_FILE: set for the *client's* sake they would loop
             # Poe calls back through mitmproxy or break Poe's TLS.
             trust_env=False,
             proxy=proxy,
             timeout=httpx.Timeout(connect=20, read=600, write=60, pool=None),
             # The default cap of 100 connections would queue the 101st concurrent stream.
-            limits=httpx.Limits(max_connections=None, max_keepalive_connections=64),
+            limits=httpx.Limits(max_connections=None, max_keepalive_connections=8),
             # _reuse_connection first: it notes that Poe answered, even with an error status.
             event_hooks={"response": [self._reuse_connection, _raise_for_status]},
         )
+
+    @contextlib.contextmanager
+    def _least_busy(self) -> Iterator[httpx.AsyncClient]:
+        session = min(self.sessions, key=lambda s: self._busy.get(s, 0))
+        self._busy[session] = self._busy.get(session, 0) + 1
+        try:
+            yield session
+        finally:
+            self._busy[session] -= 1
 
     async def _reuse_connection(self, response: httpx.Response) -> None:
         if _is_query(response):
@@ -182,43 +201,45 @@ class PoeClient:
         for task in list(self._finishing):
             task.cancel()
         await asyncio.gather(*self._finishing, return_exceptions=True)
-        await self.session.aclose()
+        for session in self.sessions:
+            await session.aclose()
 
     async def stream(self, query: QueryRequest, bot: str, api_key: str) -> AsyncIterator[PoeEvent]:
         """Poe's events for one query; raises PoeError with the failure as data."""
         request = _QuietRepr.model_construct(**dict(query))
-        for attempt in range(self.CONNECT_RETRIES + 1):
-            produced = False
-            try:
-                async for message in stream_request_base(
-                    request=request,
-                    bot_name=bot,
-                    api_key=api_key,
-                    # Passed as well as set on the query: fastapi-poe then skips its
-                    # "no text in response" report after an answer made only of tool calls.
-                    tools=query.tools,
-                    tool_calls=query.tool_calls,
-                    tool_results=query.tool_results,
-                    session=self.session,
-                    on_error=_log_poe_error,
-                    num_tries=1,
-                    base_url=self.base_url,
-                ):
-                    event = _convert(message)
-                    if event is not None:
-                        produced = True
-                        yield event
-                return
-            except (BotError, httpx.HTTPError) as exc:
-                cause = exc.__cause__ if isinstance(exc, BotError) else exc
-                refused = isinstance(cause, (httpx.ConnectError, httpx.ConnectTimeout))
-                if not produced and attempt < self.CONNECT_RETRIES:
-                    if refused:
-                        await asyncio.sleep(0.3)
-                        continue
-                    if self._unanswered(cause):
-                        continue
-                raise PoeError(_failure_from(exc, bot)) from None
+        with self._least_busy() as session:
+            for attempt in range(self.CONNECT_RETRIES + 1):
+                produced = False
+                try:
+                    async for message in stream_request_base(
+                        request=request,
+                        bot_name=bot,
+                        api_key=api_key,
+                        # Passed as well as set on the query: fastapi-poe then skips its
+                        # "no text in response" report after an answer made only of tool calls.
+                        tools=query.tools,
+                        tool_calls=query.tool_calls,
+                        tool_results=query.tool_results,
+                        session=session,
+                        on_error=_log_poe_error,
+                        num_tries=1,
+                        base_url=self.base_url,
+                    ):
+                        event = _convert(message)
+                        if event is not None:
+                            produced = True
+                            yield event
+                    return
+                except (BotError, httpx.HTTPError) as exc:
+                    cause = exc.__cause__ if isinstance(exc, BotError) else exc
+                    refused = isinstance(cause, (httpx.ConnectError, httpx.ConnectTimeout))
+                    if not produced and attempt < self.CONNECT_RETRIES:
+                        if refused:
+                            await asyncio.sleep(0.3)
+                            continue
+                        if self._unanswered(cause):
+                            continue
+                    raise PoeError(_failure_from(exc, bot)) from None
 
     def _unanswered(self, exc: BaseException | None) -> bool:
         """A query lost before Poe's response headers: on a reused connection, the server
@@ -292,7 +313,7 @@ class PoeClient:
         if not url.startswith(("https://", "http://")):
             raise PoeError(PoeFailure(url, transport="the bot's file has no http(s) URL"))
         try:
-            async with self.session.stream("GET", url) as response:
+            async with self.sessions[0].stream("GET", url) as response:
                 if response.status_code >= 400:
                     raise PoeError(
                         PoeFailure(
