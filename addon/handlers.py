@@ -278,13 +278,15 @@ async def chat_completions(service: Service, request: Request) -> Response:
     completion_id = "chatcmpl-" + new_id()[:24]
     created = int(time.time())
 
+    def prompt_tokens() -> int:  # counted when usage is written, not on the first token's path
+        return counter.messages([m.content for m in query.query])
+
     if not sampling.stream:
         await call.collect()
         choices = [
             chat.Choice(r.final_text, r.finish_reason or "stop", r.tool_calls) for r in call.runners
         ]
-        prompt_tokens = counter.messages([m.content for m in query.query])
-        usage = chat.usage(prompt_tokens, sum(counter.count(c.text) for c in choices))
+        usage = chat.usage(prompt_tokens(), sum(counter.count(c.text) for c in choices))
         call.done("answered")
         return JSONResponse(chat.completion(completion_id, created, req.model, choices, usage))
 
@@ -319,10 +321,8 @@ async def chat_completions(service: Service, request: Request) -> Response:
                 held = b""
         tail = [held]
         if sampling.include_usage:
-            # counted only now: a long prompt's tokens are not on the first token's path
-            prompt_tokens = counter.messages([m.content for m in query.query])
             completion_tokens = sum(counter.count(r.text) for r in call.runners)
-            tail.append(sse(chunks.usage(chat.usage(prompt_tokens, completion_tokens))))
+            tail.append(sse(chunks.usage(chat.usage(prompt_tokens(), completion_tokens))))
         tail.append(SSE_DONE)
         yield b"".join(tail)
         call.done("streamed")
@@ -357,9 +357,11 @@ async def legacy_completions(service: Service, request: Request) -> Response:
 
     await call.start(queries, make, sampling.stream)
     prompts = [c[0].content for c in conversations]
-    prompt_tokens = sum(counter.count(p) for p in req.prompts)
     completion_id = "cmpl-" + new_id()[:24]
     created = int(time.time())
+
+    def prompt_tokens() -> int:  # counted when usage is written, not on the first token's path
+        return sum(counter.count(p) for p in req.prompts)
 
     def echoed(index: int, text: str) -> str:
         return prompts[index] + text if req.echo else text
@@ -368,7 +370,7 @@ async def legacy_completions(service: Service, request: Request) -> Response:
         await call.collect()
         runners = call.runners
         choices = [(echoed(r.index, r.final_text), r.finish_reason or "stop") for r in runners]
-        usage = chat.usage(prompt_tokens, sum(counter.count(r.final_text) for r in runners))
+        usage = chat.usage(prompt_tokens(), sum(counter.count(r.final_text) for r in runners))
         call.done("answered")
         return JSONResponse(
             completions.text_completion(completion_id, created, req.model, choices, usage)
@@ -395,7 +397,7 @@ async def legacy_completions(service: Service, request: Request) -> Response:
             elif piece.text:
                 yield text_events[piece.index](piece.text)
         if sampling.include_usage:
-            usage = chat.usage(prompt_tokens, sum(counter.count(r.text) for r in call.runners))
+            usage = chat.usage(prompt_tokens(), sum(counter.count(r.text) for r in call.runners))
             yield sse(
                 {
                     "id": completion_id,
@@ -505,13 +507,16 @@ async def responses_create(service: Service, request: Request) -> Response:
         )
 
     await call.start([query], make, req.stream)
-    prompt_tokens = counter.messages([m.content for m in query.query])
+
+    def prompt_tokens() -> int:  # counted when usage is written, not on the first token's path
+        return counter.messages([m.content for m in query.query])
+
     builder = responses.ResponseBuilder(body, req.model, body.get("tools") or [])
 
     def feed(piece: Piece) -> list[dict[str, Any]]:
         events = builder.text(piece.text) + builder.tool_calls(piece.tool_calls)
         if piece.finish:
-            usage = chat.usage(prompt_tokens, counter.count(call.runners[0].text))
+            usage = chat.usage(prompt_tokens(), counter.count(call.runners[0].text))
             events += builder.finish(piece.finish, usage)
             if builder.response["store"]:
                 service.responses.put(

@@ -177,6 +177,7 @@ class PoeClient:
             proxy=proxy,
             timeout=httpx.Timeout(connect=20, read=600, write=60, pool=None),
             # The default cap of 100 connections would queue the 101st concurrent stream.
+            # 8 idle connections kept per pool: 64 in all, as the single pool kept before.
             limits=httpx.Limits(max_connections=None, max_keepalive_connections=8),
             # _reuse_connection first: it notes that Poe answered, even with an error status.
             event_hooks={"response": [self._reuse_connection, _raise_for_status]},

@@ -84,6 +84,13 @@ def error_response(error: OpenAIError) -> http.Response:
     return http.Response.make(error.status, json.dumps(error.body()), headers)
 
 
+def refuse(flow: http.HTTPFlow, error: OpenAIError) -> None:
+    """Answer an answered host's request right here, without the loopback app."""
+    flow.metadata.setdefault(METADATA_KEY, {"url": flow.request.pretty_url})
+    flow.response = error_response(error)
+    redact(flow)
+
+
 def take_secrets(flow: http.HTTPFlow) -> dict[str, str]:
     """Take keys and tokens off the flow, leaving fingerprints: what mitmproxy shows, saves
     (-w) or sends on to the loopback app never holds a secret. Returns the originals."""
@@ -449,16 +456,12 @@ class PoeOpenAI:
             # No route takes it, and the loopback server's parser (llhttp) would refuse a
             # method outside HTTP's registry with a plain-text 400.
             path = flow.request.path.split("?", 1)[0]
-            flow.metadata.setdefault(METADATA_KEY, {"url": flow.request.pretty_url})
-            flow.response = error_response(method_not_allowed(flow.request.method, path))
-            redact(flow)
+            refuse(flow, method_not_allowed(flow.request.method, path))
             return
         size = flow.request.headers.get("content-length", "")
         if size.isdigit() and int(size) > self.settings.max_body_bytes:
             # Answer before mitmproxy reads (and buffers) a body this large.
-            flow.metadata.setdefault(METADATA_KEY, {"url": flow.request.pretty_url})
-            flow.response = error_response(body_too_large(self.settings.max_body_bytes))
-            redact(flow)
+            refuse(flow, body_too_large(self.settings.max_body_bytes))
             return
         try:
             secrets = take_secrets(flow)

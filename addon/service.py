@@ -171,11 +171,11 @@ class TextEvents:
 
     def __init__(self, render: Callable[[str], dict[str, Any]]) -> None:
         self._render = render
-        template = sse(render(_HOLE))
-        self._prefix, _, self._suffix = template.partition(json.dumps(_HOLE).encode())
+        template, hole = sse(render(_HOLE)), json.dumps(_HOLE).encode()
+        self._prefix, _, self._suffix = template.partition(hole)
         # The hole must be the template's only text of that kind; a client's model name
         # could in theory hold it too, and then every event is rendered in full.
-        self._exact = template.count(json.dumps(_HOLE).encode()) == 1
+        self._exact = template.count(hole) == 1
 
     def __call__(self, text: str) -> bytes:
         if not self._exact:

@@ -19,15 +19,14 @@ import statistics
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import Any
 
 import httpx
 from run import (
     BENCH,
     CLIENT_HEADERS,
-    KEY,
     Mitmdump,
     PoeServer,
+    addon_mitmdump,
     chat_body,
     load,
     log,
@@ -44,25 +43,6 @@ from run import (
 REPO = BENCH.parent
 Figures = dict[str, dict[str, float]]
 Ratios = dict[str, tuple[float, float, float]]
-
-
-class ScriptMitmdump(Mitmdump):
-    """The addon's mitmdump, loading the addon from ``script`` (another checkout's copy)."""
-
-    def __init__(self, script: Path, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.script = script
-
-    def command(self) -> list[str]:
-        args = super().command()
-        args[args.index("-s") + 1] = str(self.script)
-        return args
-
-
-def start(script: Path, poe: PoeServer) -> Mitmdump:
-    options = {"poe_base_url": poe.base_url, "flow_detail": "0"}
-    env = {"POE_API_KEY": KEY}
-    return ScriptMitmdump(script, options=options, env=env, regular=False).start()
 
 
 def export(rev: str, into: Path) -> Path:
@@ -83,8 +63,8 @@ def compare(rounds: int, ttft_requests: int, base_rev: str) -> tuple[Figures, Ra
     try:
         scripts = {"base": export(base_rev, tmp), "work": REPO / "addon" / "poe_openai.py"}
         with (
-            running(start(scripts["base"], poe)) as base,
-            running(start(scripts["work"], poe)) as work,
+            running(addon_mitmdump(poe, scripts["base"])) as base,
+            running(addon_mitmdump(poe, scripts["work"])) as work,
         ):
             procs = {"base": base, "work": work}
             log(f"base ({base_rev}) pid {pid_of(base)}, work tree pid {pid_of(work)}")

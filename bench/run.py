@@ -191,24 +191,36 @@ class PoeServer:
             os.unlink(self.log.name)
 
 
-class CannedMitmdump(Mitmdump):
-    """The same mitmdump, running bench/canned_addon.py instead of the addon."""
+class ScriptMitmdump(Mitmdump):
+    """The same mitmdump, loading ``script`` instead of the work tree's addon."""
+
+    def __init__(self, script: Path, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.script = script
 
     def command(self) -> list[str]:
         args = super().command()
-        args[args.index("-s") + 1] = str(BENCH / "canned_addon.py")
+        args[args.index("-s") + 1] = str(self.script)
         return args
 
 
-def addon_mitmdump(poe: PoeServer) -> Mitmdump:
+def addon_mitmdump(poe: PoeServer, script: Path | None = None) -> Mitmdump:
+    """The addon (or another checkout's copy of it, ``script``) answering from the stand-in."""
     options = {"poe_base_url": poe.base_url, "flow_detail": "0"}
-    return Mitmdump(options=options, env={"POE_API_KEY": KEY}, regular=False).start()
+    env = {"POE_API_KEY": KEY}
+    if script is None:
+        return Mitmdump(options=options, env=env, regular=False).start()
+    return ScriptMitmdump(script, options=options, env=env, regular=False).start()
 
 
 def canned_mitmdump(canned_file: Path) -> Mitmdump:
+    """The floor: bench/canned_addon.py answering every request itself."""
     options = {"connection_strategy": "lazy", "flow_detail": "0"}
-    return CannedMitmdump(
-        options=options, env={"BENCH_CANNED": str(canned_file)}, regular=False
+    return ScriptMitmdump(
+        BENCH / "canned_addon.py",
+        options=options,
+        env={"BENCH_CANNED": str(canned_file)},
+        regular=False,
     ).start()
 
 
