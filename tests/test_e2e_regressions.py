@@ -281,16 +281,19 @@ def test_a_stream_right_after_start_up_is_streamed(fake_poe: FakePoe, bot: str) 
     # itself when it came before the start-up thread finished: the event loop stalled, and
     # the whole answer arrived at once at the end, for every flow at that moment.
     fake_poe.script(bot, [text("a"), sleep(0.6), text("b")])
-    body = {"model": bot, "messages": USER, "stream": True}
     opts = poe_options(fake_poe, poe_api_key=POE_KEY)
-    with Mitmdump(options=opts, regular=False) as m, m.http() as http:
+    m = Mitmdump(options=opts, regular=False)
+    client = m.reverse_client()  # made first: the request must come right after start-up
+    with m:
         arrivals: dict[str, float] = {}
-        with http.stream("POST", "/v1/chat/completions", json=body) as resp:
-            assert resp.status_code == 200
-            for line in resp.iter_lines():
-                for letter in "ab":
-                    if f'"content":"{letter}"' in line:
-                        arrivals[letter] = time.monotonic()
+        # max_tokens: the answer's tokens are counted as it streams, so the tables are needed
+        stream = client.chat.completions.create(
+            model=bot, messages=USER, stream=True, max_tokens=100
+        )
+        for chunk in stream:
+            content = chunk.choices[0].delta.content if chunk.choices else None
+            if content:
+                arrivals[content] = time.monotonic()
         assert arrivals["b"] - arrivals["a"] > 0.4  # "a" came before "b" was even sent
 
 
