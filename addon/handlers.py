@@ -483,9 +483,12 @@ async def responses_create(service: Service, request: Request) -> Response:
         if stored is None:
             raise responses.unknown_response(str(previous))
         history = stored.conversation
-    conversation = [*history, *responses.input_to_messages(body.get("input"))]
+    lookup = service.responses.item
+    conversation = [*history, *responses.input_to_messages(body.get("input"), lookup)]
     req = chat.parse_chat_request(
-        responses.chat_body(body, history), service.model_map, service.settings.max_file_bytes
+        responses.chat_body(body, history, lookup),
+        service.model_map,
+        service.settings.max_file_bytes,
     )
     call = Call(service, auth, req.model, req.bot, request)
     counter = TokenCounter(req.model)

@@ -11,6 +11,7 @@ import json
 import secrets
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,8 +48,100 @@ def _content_part(part: object, where: str) -> dict[str, Any]:
     )
 
 
-def input_to_messages(value: object) -> list[dict[str, Any]]:
-    """Responses ``input`` (a string or items) as chat completions messages."""
+# Item types of the spec's input union (InputItem / Item) that have no Poe equivalent: OpenAI's
+# hosted tools and their outputs, client-side tools this proxy cannot declare (custom, shell,
+# apply_patch: only function tools reach a bot), MCP bookkeeping, and OpenAI-encrypted context.
+REFUSED_ITEMS: dict[str, str] = {
+    **dict.fromkeys(
+        (
+            "file_search_call",
+            "web_search_call",
+            "image_generation_call",
+            "code_interpreter_call",
+            "computer_call",
+            "computer_call_output",
+            "tool_search_call",
+            "tool_search_output",
+            "additional_tools",
+            "program",
+            "program_output",
+        ),
+        "it belongs to one of OpenAI's built-in tools, which Poe does not run (Poe has bots "
+        "for such jobs, e.g. a -Search bot)",
+    ),
+    **dict.fromkeys(
+        (
+            "local_shell_call",
+            "local_shell_call_output",
+            "shell_call",
+            "shell_call_output",
+            "apply_patch_call",
+            "apply_patch_call_output",
+            "custom_tool_call",
+            "custom_tool_call_output",
+        ),
+        "only function tools can be sent to Poe; declare the tool as a function and send "
+        "function_call / function_call_output items",
+    ),
+    **dict.fromkeys(
+        ("mcp_list_tools", "mcp_approval_request", "mcp_approval_response", "mcp_call"),
+        "remote MCP servers are an OpenAI-hosted tool, which Poe does not run",
+    ),
+    **dict.fromkeys(
+        ("compaction", "compaction_trigger"),
+        "compaction works on context encrypted by OpenAI, which no Poe bot can read; resend the "
+        "conversation instead",
+    ),
+}
+
+ItemLookup = Callable[[str], "dict[str, Any] | None"]
+
+
+def unknown_item(item_id: str, where: str) -> OpenAIError:
+    return OpenAIError(
+        404,
+        f"{where}: no item with id '{item_id}' found. Only the output of responses this proxy "
+        "stored can be referenced (they are kept in memory for a limited time and number; see "
+        "poe_response_store_size / poe_response_store_minutes); send the item itself instead.",
+        "invalid_request_error",
+        "not_found",
+        where,
+    )
+
+
+def _function_output(output: object, where: str) -> str:
+    """A function_call_output's ``output``: a string, or text parts (joined)."""
+    if isinstance(output, str):
+        return output
+    if not isinstance(output, list):
+        return json.dumps(output)
+    texts = []
+    for j, part in enumerate(output):
+        if not isinstance(part, dict) or part.get("type") != "input_text":
+            kind = part.get("type") if isinstance(part, dict) else None
+            # A bot reads a tool result as text only: a picture or file here would be lost.
+            raise bad_request(
+                f"{where}.output[{j}]: content type {kind!r} is not supported in a function "
+                "result through Poe; send the result as text.",
+                f"{where}.output[{j}].type",
+            )
+        texts.append(str(part.get("text") or ""))
+    return "\n".join(texts)
+
+
+def _item_kind(item: dict[str, Any]) -> object:
+    kind = item.get("type")
+    if kind is None:
+        # The spec's item_reference may omit its type; a message always has a role.
+        return "item_reference" if "role" not in item and "id" in item else "message"
+    return kind
+
+
+def input_to_messages(value: object, lookup: ItemLookup | None = None) -> list[dict[str, Any]]:
+    """Responses ``input`` (a string or items) as chat completions messages.
+
+    ``lookup`` finds an earlier output item by id, for ``item_reference`` items.
+    """
     if isinstance(value, str):
         return [{"role": "user", "content": value}]
     if not isinstance(value, list) or not value:
@@ -58,7 +151,15 @@ def input_to_messages(value: object) -> list[dict[str, Any]]:
         where = f"input[{i}]"
         if not isinstance(item, dict):
             raise bad_request(f"{where} must be an object.", where)
-        kind = item.get("type", "message")
+        kind = _item_kind(item)
+        if kind == "item_reference":
+            item_id = item.get("id")
+            if not isinstance(item_id, str) or not item_id:
+                raise bad_request(f"{where}.id must be the id of an earlier item.", f"{where}.id")
+            found = lookup(item_id) if lookup is not None else None
+            if found is None:
+                raise unknown_item(item_id, where)
+            item, kind = found, found.get("type")
         if kind == "message":
             role = item.get("role")
             if role not in ("user", "assistant", "system", "developer"):
@@ -81,14 +182,20 @@ def input_to_messages(value: object) -> list[dict[str, Any]]:
             else:
                 messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
         elif kind == "function_call_output":
-            output = item.get("output")
-            if not isinstance(output, str):
-                output = json.dumps(output)
             messages.append(
-                {"role": "tool", "tool_call_id": str(item.get("call_id") or ""), "content": output}
+                {
+                    "role": "tool",
+                    "tool_call_id": str(item.get("call_id") or ""),
+                    "content": _function_output(item.get("output"), where),
+                }
             )
         elif kind == "reasoning":
             continue  # Poe bots think for themselves; their reasoning is not input
+        elif isinstance(kind, str) and kind in REFUSED_ITEMS:
+            raise bad_request(
+                f"{where}: item type {kind!r} cannot be sent through Poe: {REFUSED_ITEMS[kind]}.",
+                f"{where}.type",
+            )
         else:
             raise bad_request(
                 f"{where}: item type {kind!r} is not supported through Poe.", f"{where}.type"
@@ -139,9 +246,11 @@ def _response_format(text: object) -> dict[str, Any] | None:
     return {"type": fmt.get("type")}
 
 
-def chat_body(body: dict[str, Any], history: list[dict[str, Any]]) -> dict[str, Any]:
+def chat_body(
+    body: dict[str, Any], history: list[dict[str, Any]], lookup: ItemLookup | None = None
+) -> dict[str, Any]:
     """The chat completions body equivalent to a Responses request (after ``history``)."""
-    messages = [*history, *input_to_messages(body.get("input"))]
+    messages = [*history, *input_to_messages(body.get("input"), lookup)]
     instructions = body.get("instructions")
     if instructions is not None:
         if not isinstance(instructions, str):
@@ -179,19 +288,37 @@ class ResponseStore:
         self.max_entries = max_entries
         self.max_age_s = max_age_s
         self._items: OrderedDict[str, Stored] = OrderedDict()
+        self._owners: dict[str, str] = {}  # output item id -> the response that holds it
 
     def put(self, response: dict[str, Any], conversation: list[dict[str, Any]]) -> None:
         self._items[response["id"]] = Stored(response, conversation)
         self._items.move_to_end(response["id"])
+        for item in response.get("output") or []:
+            self._owners[item["id"]] = response["id"]
         self._expire()
 
     def get(self, response_id: str) -> Stored | None:
         self._expire()
         return self._items.get(response_id)
 
+    def item(self, item_id: str) -> dict[str, Any] | None:
+        """An output item of a stored response, for ``item_reference`` input items."""
+        self._expire()
+        stored = self._items.get(self._owners.get(item_id, ""))
+        if stored is None:
+            return None
+        return next((i for i in stored.response["output"] if i["id"] == item_id), None)
+
     def delete(self, response_id: str) -> bool:
         self._expire()
-        return self._items.pop(response_id, None) is not None
+        stored = self._items.pop(response_id, None)
+        if stored is not None:
+            self._forget(stored)
+        return stored is not None
+
+    def _forget(self, stored: Stored) -> None:
+        for item in stored.response.get("output") or []:
+            self._owners.pop(item["id"], None)
 
     def __len__(self) -> int:
         return len(self._items)
@@ -201,7 +328,7 @@ class ResponseStore:
         while self._items and (
             len(self._items) > self.max_entries or next(iter(self._items.values())).at < cutoff
         ):
-            self._items.popitem(last=False)
+            self._forget(self._items.popitem(last=False)[1])
 
 
 def unknown_response(response_id: str) -> OpenAIError:
