@@ -483,10 +483,10 @@ async def responses_create(service: Service, request: Request) -> Response:
         if stored is None:
             raise responses.unknown_response(str(previous))
         history = stored.conversation
-    lookup = service.responses.item
-    conversation = [*history, *responses.input_to_messages(body.get("input"), lookup)]
+    lookup, limit = service.responses.item, service.settings.max_body_bytes
+    conversation = [*history, *responses.input_to_messages(body.get("input"), lookup, limit)]
     req = chat.parse_chat_request(
-        responses.chat_body(body, history, lookup),
+        responses.chat_body(body, history, lookup, limit),
         service.model_map,
         service.settings.max_file_bytes,
     )

@@ -137,11 +137,28 @@ def _item_kind(item: dict[str, Any]) -> object:
     return kind
 
 
-def input_to_messages(value: object, lookup: ItemLookup | None = None) -> list[dict[str, Any]]:
+def references_too_large(limit: int, where: str) -> OpenAIError:
+    return OpenAIError(
+        413,
+        f"{where}: the items referenced by item_reference add up to more than this proxy "
+        f"accepts in one request ({limit // (1024 * 1024)} MB; see poe_max_body_mb).",
+        "invalid_request_error",
+        "request_too_large",
+        where,
+    )
+
+
+def input_to_messages(
+    value: object, lookup: ItemLookup | None = None, max_reference_bytes: int = 64 * 1024 * 1024
+) -> list[dict[str, Any]]:
     """Responses ``input`` (a string or items) as chat completions messages.
 
-    ``lookup`` finds an earlier output item by id, for ``item_reference`` items.
+    ``lookup`` finds an earlier output item by id, for ``item_reference`` items. A reference
+    costs what its item would have cost inline, so a small body cannot repeat a long stored
+    answer into a query of gigabytes: together they may hold ``max_reference_bytes`` of JSON.
     """
+    sizes: dict[str, int] = {}
+    referenced = 0
     if isinstance(value, str):
         return [{"role": "user", "content": value}]
     if not isinstance(value, list) or not value:
@@ -159,6 +176,11 @@ def input_to_messages(value: object, lookup: ItemLookup | None = None) -> list[d
             found = lookup(item_id) if lookup is not None else None
             if found is None:
                 raise unknown_item(item_id, where)
+            if item_id not in sizes:
+                sizes[item_id] = len(json.dumps(found))
+            referenced += sizes[item_id]
+            if referenced > max_reference_bytes:
+                raise references_too_large(max_reference_bytes, where)
             item, kind = found, found.get("type")
         if kind == "message":
             role = item.get("role")
@@ -247,10 +269,13 @@ def _response_format(text: object) -> dict[str, Any] | None:
 
 
 def chat_body(
-    body: dict[str, Any], history: list[dict[str, Any]], lookup: ItemLookup | None = None
+    body: dict[str, Any],
+    history: list[dict[str, Any]],
+    lookup: ItemLookup | None = None,
+    max_reference_bytes: int = 64 * 1024 * 1024,
 ) -> dict[str, Any]:
     """The chat completions body equivalent to a Responses request (after ``history``)."""
-    messages = [*history, *input_to_messages(body.get("input"), lookup)]
+    messages = [*history, *input_to_messages(body.get("input"), lookup, max_reference_bytes)]
     instructions = body.get("instructions")
     if instructions is not None:
         if not isinstance(instructions, str):

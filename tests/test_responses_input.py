@@ -183,6 +183,23 @@ def test_item_reference_errors_name_the_index(
         assert err.code == "not_found" and "msg_gone" in err.message
 
 
+def test_references_cost_what_their_items_would_inline() -> None:
+    item = {"id": "msg_a", "type": "message", "role": "assistant", "content": "x" * 1000}
+    size = len(json.dumps(item))
+    refs = [{"role": "user", "content": "hi"}] + [{"type": "item_reference", "id": "msg_a"}] * 10
+    assert len(input_to_messages(refs, {"msg_a": item}.get, 10 * size)) == 11  # at the limit
+    err = refusal_with(refs, {"msg_a": item}.get, 10 * size - 1)  # one byte under it
+    assert (err.status, err.code, err.param) == (413, "request_too_large", "input[10]")
+    err = refusal_with(refs, {"msg_a": item}.get, 3 * size + 5)
+    assert err.param == "input[4]"  # refused at the reference that crosses the limit
+
+
+def refusal_with(value: object, lookup: Any, limit: int) -> OpenAIError:
+    with pytest.raises(OpenAIError) as caught:
+        input_to_messages(value, lookup, limit)
+    return caught.value
+
+
 def test_store_item_index_follows_eviction_delete_and_10000_puts() -> None:
     store = ResponseStore(max_entries=100)
 
@@ -336,3 +353,23 @@ def test_expired_deleted_and_unstored_items_are_404(fake_poe: FakePoe, bot: str)
             assert isinstance(caught.value.body, dict)
             assert caught.value.body["param"] == "input[1]"
         assert len(fake_poe.requests_for(bot)) == 3
+
+
+def test_a_small_body_cannot_repeat_a_long_answer_into_a_huge_query(
+    fake_poe: FakePoe, bot: str
+) -> None:
+    opts = poe_options(fake_poe, poe_max_body_mb="1")
+    fake_poe.script(bot, [text("y" * 200_000)])
+    with Mitmdump(options=opts, env={"POE_API_KEY": POE_KEY}, regular=False) as proxy:
+        client = proxy.reverse_client()
+        long_answer = client.responses.create(model=bot, input="write a lot").output[0].id
+        ref = {"type": "item_reference", "id": long_answer}
+        ok = client.responses.create(model=bot, input=[{"role": "user", "content": "a"}, ref, ref])
+        assert ok.status == "completed"
+        asked = len(fake_poe.requests_for(bot))
+        with pytest.raises(openai.APIStatusError) as caught:
+            client.responses.create(model=bot, input=[{"role": "user", "content": "a"}] + [ref] * 6)
+        assert caught.value.status_code == 413
+        assert isinstance(caught.value.body, dict) and caught.value.body["param"] == "input[6]"
+        assert len(fake_poe.requests_for(bot)) == asked  # refused before Poe was asked
+        assert client.responses.create(model=bot, input="still up?").status == "completed"
