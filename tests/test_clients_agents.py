@@ -7,7 +7,6 @@ Tracing is off, so nothing but the proxy is ever contacted."""
 from __future__ import annotations
 
 import asyncio
-import itertools
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -15,6 +14,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
+from clients.timing import PACE_S, assert_arrived_as_sent
 from fake_poe import FakePoe, error, json_event, sleep, text
 from harness import Mitmdump
 from openai.types.chat import ChatCompletionChunk
@@ -104,7 +104,7 @@ def test_plain_answer(run: Run, fake_poe: FakePoe, bot: str) -> None:
 
 
 def test_stream_arrives_in_pieces_over_time(run: Run, fake_poe: FakePoe, bot: str) -> None:
-    paced = [text("One"), sleep(0.5), text(" two"), sleep(0.5), text(" three")]
+    paced = [text("One"), sleep(PACE_S), text(" two"), sleep(PACE_S), text(" three")]
     fake_poe.script_sequence(bot, [[text("warm-up")], paced])
     agent = Agent(name="a", model=bot)
 
@@ -126,8 +126,7 @@ def test_stream_arrives_in_pieces_over_time(run: Run, fake_poe: FakePoe, bot: st
 
     deltas, result = run(stream)
     assert [d for _, d in deltas] == ["One", " two", " three"]
-    gaps = [b - a for (a, _), (b, _) in itertools.pairwise(deltas)]
-    assert all(g >= 0.3 for g in gaps), gaps  # paced 0.5 s apart by Poe, not all at the end
+    assert_arrived_as_sent([t for t, _ in deltas])
     assert result.final_output == "One two three"
 
 

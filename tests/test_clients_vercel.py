@@ -5,12 +5,12 @@ NODE_EXTRA_CA_CERTS = mitmproxy's CA, baseURL left at https://api.openai.com/v1)
 
 from __future__ import annotations
 
-import itertools
 import uuid
 from typing import Any
 
 import pytest
 from clients.node import run_node
+from clients.timing import PACE_S, assert_arrived_as_sent
 from fake_poe import FakePoe, Step, error, json_event, sleep, text
 from harness import Mitmdump
 
@@ -27,10 +27,11 @@ def call(city: str) -> list[Step]:
 
 SCRIPTS: dict[str, list[list[Step]]] = {
     "plain": [[text("Hello"), text(" from Poe.")]],
-    "stream": [[text("One"), sleep(0.5), text(" two"), sleep(0.5), text(" three")]],
+    "stream": [[text("One"), sleep(PACE_S), text(" two"), sleep(PACE_S), text(" three")]],
     "tools": [call("Rome"), [text("It is sunny in Rome.")]],
     "stream_tools": [call("Oslo"), [text("Snow in Oslo.")]],
     "two_turns": [[text("Hi Ann.")], [text("Your name is Ann.")]],
+    "stream_error": [[text("partial"), sleep(0.1), error("Something broke")]],
     "error": [[error("You have run out of points.", error_type="insufficient_fund")]],
 }
 CASES = [(m, a) for m in ("reverse", "explicit-proxy") for a in ("responses", "chat")]
@@ -75,8 +76,7 @@ def test_plain_answer(run: Run, fake_poe: FakePoe) -> None:
 def test_stream_arrives_in_pieces_over_time(run: Run) -> None:
     got = run.result["stream"]
     assert [d for _, d in got["deltas"]] == ["One", " two", " three"]
-    gaps = [b[0] - a[0] for a, b in itertools.pairwise(got["deltas"])]
-    assert all(g >= 0.3 for g in gaps), gaps  # paced 0.5 s apart by Poe, not all at the end
+    assert_arrived_as_sent([t for t, _ in got["deltas"]])
     assert got["text"] == "One two three" and got["finishReason"] == "stop"
 
 
@@ -115,3 +115,10 @@ def test_error_is_the_sdks_api_call_error(run: Run, fake_poe: FakePoe) -> None:
     assert got["isAPICallError"] is True, got
     assert got["statusCode"] == 429 and "out of points" in got["message"]
     assert len(fake_poe.requests_for(run.bots["error"])) == 1
+
+
+def test_failure_after_the_stream_began_reaches_on_error(run: Run) -> None:
+    got = run.result["stream_error"]
+    assert got["errors"] == ["Poe bot error: Something broke"]
+    assert got["parts"].index("text-delta:partial") < got["parts"].index("error")
+    assert got["text"] == "partial"  # what Poe had sent is kept

@@ -107,6 +107,22 @@ await scenario("two_turns", async (bot) => {
   return { first: first.text, second: second.text };
 });
 
+await scenario("stream_error", async (bot) => {
+  // A failure after the answer began: the SDK hands it to onError and as an "error" part.
+  const errors = [];
+  const r = streamText({
+    model: model(bot),
+    prompt: "hi",
+    maxRetries: 0,
+    onError: ({ error }) => errors.push(String(error?.message ?? JSON.stringify(error))),
+  });
+  const parts = [];
+  for await (const part of r.fullStream) {
+    parts.push(part.type === "text-delta" ? `text-delta:${part.text}` : part.type);
+  }
+  return { parts, errors, text: await r.text };
+});
+
 await scenario("error", async (bot) => {
   // maxRetries 0: the AI SDK retries 429 and 5xx whatever x-should-retry says
   await generateText({ model: model(bot), prompt: "hi", maxRetries: 0 });
