@@ -6,22 +6,29 @@ ends do."""
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import http.server
+import re
 import shutil
 import tempfile
 import threading
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 from clients.node import run_node
 from clients.timing import PACE_S, assert_arrived_as_sent
 from conftest import ACCESS_TOKEN
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from fake_poe import FakePoe, Step, json_event, sleep, text
 from harness import Mitmdump
 
 CHROMIUM = "/usr/bin/chromium"
+FLOW = re.compile(r"^[\d.:\[\]]+: ([A-Z]+) (\S+)")  # mitmdump's line for each flow
 PAGE = b"<!doctype html><meta charset=utf-8><title>a chat front end</title><p>client page"
 
 TOOL_CALL = {
@@ -64,9 +71,20 @@ def page_url() -> Iterator[str]:
     server.server_close()
 
 
-@pytest.fixture(scope="module")
+def spki_hash(ca_file: Path) -> str:
+    """Chromium's pin for mitmproxy's key: base64 of the SHA-256 of its SubjectPublicKeyInfo."""
+    cert = x509.load_pem_x509_certificate(ca_file.read_bytes())
+    der = cert.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+    return base64.b64encode(hashlib.sha256(der).digest()).decode()
+
+
+@pytest.fixture(scope="module", params=["reverse", "explicit-proxy"])
 def result(
-    page_url: str, proxy: Mitmdump, proxy_tokens: Mitmdump, fake_poe: FakePoe
+    request: pytest.FixtureRequest,
+    page_url: str,
+    proxy: Mitmdump,
+    proxy_tokens: Mitmdump,
+    fake_poe: FakePoe,
 ) -> dict[str, Any]:
     if shutil.which(CHROMIUM) is None:
         pytest.fail(
@@ -86,25 +104,42 @@ def result(
             "userDataDir": profile,
             "bots": bots,
         }
+        if request.param == "explicit-proxy":
+            # the browser's proxy setting: the page keeps calling https://api.openai.com
+            config |= {
+                "api": "https://api.openai.com/v1",
+                "proxyServer": f"127.0.0.1:{proxy.proxy_port}",
+                "spki": spki_hash(proxy.ca_file),
+            }
         before = len(proxy.lines)
         out = run_node("browser.mjs", config, timeout=90)
     out["bots"] = bots
+    out["mode"] = request.param
     out["proxy_log"] = proxy.lines[before:]
     return out
+
+
+def flows(result: dict[str, Any]) -> list[str]:
+    """``METHOD URL`` of each flow mitmdump printed while the browser ran."""
+    found = (FLOW.match(line) for line in result["proxy_log"])
+    return [f"{m[1]} {m[2]}" for m in found if m]
 
 
 def test_page_is_another_origin(result: dict[str, Any], proxy: Mitmdump) -> None:
     assert result["pageOrigin"] != proxy.reverse_url.removesuffix("/v1")
     assert result["pageOrigin"].startswith("http://127.0.0.1:")
+    # nothing but the API calls left the browser (no background calls to Google's hosts)
+    hosts = {re.sub(r"^[A-Z]+ (https?://[^/]+).*", r"\1", f) for f in flows(result)}
+    assert hosts == {"https://api.openai.com"}, hosts
 
 
 def test_plain_answer_and_preflight(result: dict[str, Any]) -> None:
     assert result["plain"]["status"] == 200
     assert result["plain"]["body"]["choices"][0]["message"]["content"] == "Hello, browser."
     # the browser asked first (Authorization and JSON are not CORS-safelisted)
-    flows = [line.split(": ", 1)[1].strip() for line in result["proxy_log"] if ": " in line]
-    assert "OPTIONS https://api.openai.com/v1/chat/completions" in flows
-    assert "OPTIONS https://api.openai.com/v1/responses" in flows
+    seen = flows(result)
+    assert "OPTIONS https://api.openai.com/v1/chat/completions" in seen
+    assert "OPTIONS https://api.openai.com/v1/responses" in seen
 
 
 def test_chat_stream_read_piece_by_piece(result: dict[str, Any]) -> None:

@@ -7,10 +7,20 @@
 //   node browser.mjs '<json config>'  ->  JSON on stdout
 // config: {"page": "http://127.0.0.1:P/", "api": "http://127.0.0.1:R/v1",
 //          "tokensApi": "http://127.0.0.1:T/v1", "chromium": "/usr/bin/chromium",
-//          "userDataDir": "/tmp/...", "bots": {...}}
+//          "userDataDir": "/tmp/...", "bots": {...},
+//          "proxyServer": "127.0.0.1:P" | null, "spki": "<base64 sha256 of mitmproxy's key>"}
+// With proxyServer, the page calls https://api.openai.com through mitmproxy as an explicit
+// proxy (chosen by a PAC script for that host only), and the browser accepts certificates
+// with mitmproxy's key (mitmproxy makes every certificate with its CA's key).
 import puppeteer from "puppeteer-core";
 
 const config = JSON.parse(process.argv[2]);
+
+function pac(proxy) {
+  return `function FindProxyForURL(url, host) {
+    return host === "api.openai.com" ? "PROXY ${proxy}" : "DIRECT";
+  }`;
+}
 
 const browser = await puppeteer.launch({
   executablePath: config.chromium,
@@ -26,6 +36,15 @@ const browser = await puppeteer.launch({
     "--disable-background-networking",
     "--disable-component-update",
     "--disable-sync",
+    // The browser resolves no name itself: its own calls to Google's hosts fail at once
+    // instead of going out, and only api.openai.com goes to the proxy (a PAC script).
+    "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
+    ...(config.proxyServer
+      ? [
+          `--proxy-pac-url=data:application/x-ns-proxy-autoconfig;base64,${btoa(pac(config.proxyServer))}`,
+          `--ignore-certificate-errors-spki-list=${config.spki}`,
+        ]
+      : []),
   ],
 });
 
