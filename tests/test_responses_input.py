@@ -363,9 +363,7 @@ def test_a_small_body_cannot_repeat_a_long_answer_into_a_huge_query(
     with Mitmdump(options=opts, env={"POE_API_KEY": POE_KEY}, regular=False) as proxy:
         client = proxy.reverse_client()
         long_answer = client.responses.create(model=bot, input="write a lot").output[0].id
-        ref = {"type": "item_reference", "id": long_answer}
-        ok = client.responses.create(model=bot, input=[{"role": "user", "content": "a"}, ref, ref])
-        assert ok.status == "completed"
+        ref = {"type": "item_reference", "id": long_answer}  # ~200 KB each; at the limit: unit test
         asked = len(fake_poe.requests_for(bot))
         with pytest.raises(openai.APIStatusError) as caught:
             client.responses.create(model=bot, input=[{"role": "user", "content": "a"}] + [ref] * 6)
