@@ -31,7 +31,7 @@ def serve(args: list[str]) -> int:
 
     parser = argparse.ArgumentParser(prog="python -m addon serve")
     parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--port", type=port_number, default=8000)
     options = parser.parse_args(args)
     try:
         relay = open_relay(settings_from_env(), os.environ)
@@ -51,6 +51,17 @@ def serve(args: list[str]) -> int:
         return 2
     uvicorn.run(app, host=options.host, port=options.port, log_level="info")
     return 0
+
+
+def port_number(text: str) -> int:
+    """A TCP port (0: any free one); argparse turns the error into a usage line."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not a port number (0-65535)")
+    return port
 
 
 def main(argv: list[str]) -> int:

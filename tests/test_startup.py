@@ -518,3 +518,10 @@ def test_plain_server_refuses_a_reachable_host_in_one_line(host: str) -> None:
     outcome = run_to_exit(command, KEY_ENV, case_dir())
     assert_fails_closed(outcome, "start an open relay", max_lines=2)
     assert "POE_ALLOW_OPEN_RELAY=true" in outcome.output
+
+
+@pytest.mark.parametrize("port", ["99999", "-1", "http"])
+def test_plain_server_refuses_a_bad_port_in_one_line(port: str) -> None:
+    command = [str(PYTHON), "-m", "addon", "serve", "--port", port]
+    outcome = run_to_exit(command, {}, case_dir())
+    assert_fails_closed(outcome, "is not a port number", max_lines=3)
