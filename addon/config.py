@@ -224,6 +224,13 @@ def parse_settings(
             f"present a token and Poe would get no key. Set {key_option}, or clear "
             f"{name('poe_access_tokens')} to let clients send their own Poe key."
         )
+    for host in poe_hosts:
+        if "/" in host or " " in host.strip():
+            # A URL would never match a Host header: its calls would go to OpenAI unanswered.
+            raise ConfigError(
+                f"{name('poe_hosts')} holds {host!r}, which is not a host name; give the host "
+                f"alone, e.g. {spelling.example('poe_hosts', 'api.openai.com')}"
+            )
     hosts = frozenset(normalize_host(h) for h in poe_hosts if h.strip())
     if not hosts:
         raise ConfigError(

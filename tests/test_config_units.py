@@ -389,3 +389,26 @@ def test_the_addon_loads_without_the_resource_module() -> None:
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("rss ")
+
+
+@pytest.mark.parametrize("host", ["https://api.openai.com", "api.openai.com/v1", "api openai"])
+def test_a_host_that_could_never_match_is_refused(host: str) -> None:
+    """Before, a URL in poe_hosts was accepted and matched nothing: the calls it meant to
+    answer went to OpenAI."""
+    with pytest.raises(ConfigError, match=r"poe_hosts holds .* not a host name"):
+        settings(poe_hosts=[host])
+    assert settings(poe_hosts=["API.OpenAI.com:443", " example.org "]).hosts == {
+        "api.openai.com",
+        "example.org",
+    }
+
+
+def test_a_mappings_file_that_is_not_text_is_one_message(tmp_path: Path) -> None:
+    bad = tmp_path / "map.yaml"
+    bad.write_bytes(b"\xff\xfe models")
+    addon = PoeOpenAI()
+    with taddons.context(Proxyserver(), addon) as tctx:
+        tctx.configure(addon, poe_mappings=str(bad))
+        assert addon.settings is None  # refused (logged), not a traceback
+    with pytest.raises(ConfigError, match=r"POE_MAPPINGS: .*not UTF-8 text"):
+        build({"POE_MAPPINGS": str(bad)})
