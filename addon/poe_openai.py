@@ -415,15 +415,15 @@ class PoeOpenAI:
     def _check_configured(self) -> None:
         if not self.configured:
             self._refuse(
-                "mitmproxy did not apply this addon's options (see its message above), so the "
-                "addon is not running and OpenAI calls would go to OpenAI. Check the poe_* "
-                "--set values."
+                "mitmproxy did not apply this addon's options, so the addon would not run and "
+                "OpenAI calls would go to OpenAI; check the poe_* --set values and config.yaml "
+                "in the confdir"
             )
 
     def _refuse(self, message: str) -> None:
         """A configuration mistake. Before the addon has a working configuration this stops
-        start-up: one error line (mitmproxy exits on errors logged during start-up), and
-        answered hosts get a 503 meanwhile. Later, mitmproxy rolls the change back."""
+        start-up: one error line (mitmproxy exits on errors logged during start-up), and every
+        flow gets a 503 meanwhile. Later, mitmproxy rolls the change back."""
         if self.settings is not None:
             raise exceptions.OptionsError(message)
         if message not in self.refusals:
