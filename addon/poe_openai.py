@@ -400,6 +400,10 @@ class PoeOpenAI:
         self.notices.install()
         for view in views.VIEWS:
             contentviews.add(view)
+        with contextlib.suppress(RuntimeError):  # no event loop: nothing runs anyway
+            # Once script loading is over: had mitmproxy failed to apply the options for any
+            # other reason, it would have dropped the addon silently. Stop start-up instead.
+            asyncio.get_running_loop().call_soon(self._check_configured)
         for name, kind, default, help in OPTIONS:
             loader.add_option(name, kind, default, help)
         options = loader.master.options
@@ -407,10 +411,6 @@ class PoeOpenAI:
         for problem in problems:
             self._refuse(problem)
         options.update(**values)
-        with contextlib.suppress(RuntimeError):  # no event loop: nothing runs anyway
-            # Once script loading is over: had mitmproxy failed to apply the options for any
-            # other reason, it would have dropped the addon silently. Stop start-up instead.
-            asyncio.get_running_loop().call_soon(self._check_configured)
 
     def _check_configured(self) -> None:
         if not self.configured:

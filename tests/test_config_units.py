@@ -3,6 +3,7 @@ options, refusals at start-up and at run time, the loopback test, the plain serv
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import subprocess
 import sys
@@ -327,6 +328,22 @@ def test_options_mitmproxy_never_applied_stop_start_up(caplog: pytest.LogCapture
         caplog.clear()
         addon._check_configured()
         assert cannot_start(caplog) == []
+
+
+def test_load_arms_the_check_for_options_never_applied(caplog: pytest.LogCaptureFixture) -> None:
+    async def register_and_yield(configure: bool) -> None:
+        tctx = taddons.context(Proxyserver())  # (inside a running loop: it uses that loop)
+        addon = PoeOpenAI()
+        tctx.master.addons.register(addon)  # load() and mitmproxy's deferred processing
+        if configure:
+            tctx.configure(addon)  # what script loading does next, when nothing failed
+        await asyncio.sleep(0)
+
+    asyncio.run(register_and_yield(configure=False))
+    assert len(cannot_start(caplog)) == 1 and "did not apply" in cannot_start(caplog)[0]
+    caplog.clear()
+    asyncio.run(register_and_yield(configure=True))
+    assert cannot_start(caplog) == []
 
 
 # --- the plain server's environment --------------------------------------------------------
