@@ -7,7 +7,6 @@ python -m addon serve [--host H] [--port P]    # the plain server, without mitmp
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import os
 import sys
 from pathlib import Path
@@ -27,31 +26,42 @@ def run_proxy(args: list[str]) -> int:
 def serve(args: list[str]) -> int:
     import uvicorn
 
-    from addon.standalone import create, settings_from_env
+    from addon.config import ConfigError, is_loopback_host
+    from addon.standalone import build, open_relay, settings_from_env
 
     parser = argparse.ArgumentParser(prog="python -m addon serve")
     parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--port", type=port_number, default=8000)
     options = parser.parse_args(args)
-    settings = settings_from_env()
-    loopback = options.host == "localhost" or (
-        options.host.replace(".", "").isdigit() and ipaddress.ip_address(options.host).is_loopback
-    )
-    if (
-        settings.api_keys
-        and not settings.access_tokens
-        and not loopback
-        and os.environ.get("POE_ALLOW_OPEN_RELAY") != "1"
-    ):
+    try:
+        relay = open_relay(settings_from_env(), os.environ)
+        app = build(os.environ)
+    except ConfigError as e:
+        print(f"poe-openai: cannot start: {e}", file=sys.stderr)
+        return 2
+    if relay and not is_loopback_host(options.host):
+        # (the app would refuse other machines' requests anyway: say so before starting)
         print(
-            f"Refusing to start an open relay: a Poe key is configured and {options.host} can "
-            "be reached from other machines with no client auth. Listen on 127.0.0.1, set "
-            "POE_ACCESS_TOKENS, or set POE_ALLOW_OPEN_RELAY=1.",
+            f"poe-openai: cannot start: refusing to start an open relay: a Poe key is "
+            f"configured and {options.host} can be reached from other machines with no client "
+            "auth. Listen on 127.0.0.1 (--host 127.0.0.1), set POE_ACCESS_TOKENS=<token>, or "
+            "set POE_ALLOW_OPEN_RELAY=true.",
             file=sys.stderr,
         )
         return 2
-    uvicorn.run(create(), host=options.host, port=options.port, log_level="info")
+    uvicorn.run(app, host=options.host, port=options.port, log_level="info")
     return 0
+
+
+def port_number(text: str) -> int:
+    """A TCP port (0: any free one); argparse turns the error into a usage line."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not a port number (0-65535)")
+    return port
 
 
 def main(argv: list[str]) -> int:

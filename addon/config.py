@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import ipaddress
 import os
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,9 +21,80 @@ DEFAULT_MAPPINGS = "mappings/default.yaml"
 
 PROXY_SCHEMES = ("http", "https", "socks5", "socks5h")
 
+# Defaults of the numeric options (the addon's option table and the plain server share them).
+DEFAULTS: dict[str, int] = {
+    "poe_max_file_mb": 50,
+    "poe_max_body_mb": 64,
+    "poe_first_event_timeout_s": 120,
+    "poe_idle_timeout_s": 120,
+    "poe_total_timeout_s": 900,
+    "poe_header_hold_s": 10,
+    "poe_keepalive_s": 15,
+}
+
 
 class ConfigError(ValueError):
     """A bad option value; the message names the option and the fix."""
+
+
+@dataclass(frozen=True)
+class Spelling:
+    """How the user set an option, so that a message names what they typed: mitmproxy's
+    ``--set poe_idle_timeout_s=5`` or the plain server's ``POE_IDLE_TIMEOUT_S=5``."""
+
+    env: bool = False
+
+    def name(self, option: str) -> str:
+        return option.upper() if self.env else option
+
+    def example(self, option: str, value: str) -> str:
+        return f"{option.upper()}={value}" if self.env else f"--set {option}={value}"
+
+
+OPTION = Spelling()
+ENV = Spelling(env=True)
+
+TRUE_WORDS = frozenset({"true", "1", "yes", "on"})
+FALSE_WORDS = frozenset({"false", "0", "no", "off"})
+
+
+def parse_bool(text: str, option: str, spelling: Spelling = OPTION) -> bool:
+    word = text.strip().lower()
+    if word in TRUE_WORDS:
+        return True
+    if word in FALSE_WORDS:
+        return False
+    raise ConfigError(
+        f"{spelling.name(option)}={text!r} is not a yes/no value; use "
+        f"{spelling.example(option, 'true')} or {spelling.example(option, 'false')} "
+        "(1/0, yes/no and on/off work too)"
+    )
+
+
+def parse_int(text: str, option: str, spelling: Spelling = OPTION) -> int:
+    try:
+        return int(text.strip())
+    except ValueError:
+        raise ConfigError(
+            f"{spelling.name(option)}={text!r} is not a whole number; use e.g. "
+            f"{spelling.example(option, '120')}"
+        ) from None
+
+
+def is_loopback_host(host: str) -> bool:
+    """True for a listen or peer address only this machine can use: "localhost", 127.0.0.0/8,
+    ::1 (also as [::1], with a zone, or IPv4-mapped). Anything else, names and malformed
+    addresses included, counts as reachable from other machines."""
+    host = host.strip().lower().removeprefix("[").removesuffix("]").split("%", 1)[0]
+    if host == "localhost":
+        return True
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return address.is_loopback
 
 
 @dataclass(frozen=True)
@@ -76,27 +149,43 @@ def normalize_host(host: str) -> str:
     return host.rstrip(".")
 
 
-def _base_url(option: str, value: str) -> str:
-    parts = urlsplit(value)
-    if parts.scheme not in ("http", "https") or not parts.netloc:
+def _base_url(option: str, value: str, spelling: Spelling) -> str:
+    try:
+        parts = urlsplit(value)
+        valid = parts.scheme in ("http", "https") and bool(parts.hostname)
+        parts.port  # noqa: B018 (raises ValueError for a port that is not a number)
+    except ValueError:
+        valid = False
+    if not valid:
         raise ConfigError(
-            f"{option}={value!r} is not an http(s) URL; "
-            f"use e.g. --set {option}=https://api.poe.com/bot/"
+            f"{spelling.name(option)}={_without_password(value)!r} is not an http(s) URL; "
+            f"use e.g. {spelling.example(option, DEFAULT_BASE_URL)}"
         )
     return value if value.endswith("/") else value + "/"
 
 
-def _proxy(value: str) -> str | None:
+def _proxy(value: str, spelling: Spelling) -> str | None:
     value = value.strip()
     if not value:
         return None
-    parts = urlsplit(value)
-    if parts.scheme not in PROXY_SCHEMES or not parts.hostname:
+    try:
+        parts = urlsplit(value)
+        valid = parts.scheme in PROXY_SCHEMES and bool(parts.hostname)
+        parts.port  # noqa: B018 (raises ValueError for a port that is not a number)
+    except ValueError:
+        valid = False
+    if not valid:
         raise ConfigError(
-            f"poe_proxy={value!r} is not a proxy URL; use e.g. "
-            "--set poe_proxy=http://127.0.0.1:7890 or socks5://127.0.0.1:1080"
+            f"{spelling.name('poe_proxy')}={_without_password(value)!r} is not a proxy URL; use "
+            f"e.g. {spelling.example('poe_proxy', 'http://127.0.0.1:7890')} or "
+            "socks5://127.0.0.1:1080"
         )
     return value
+
+
+def _without_password(url: str) -> str:
+    """A URL for a message: a proxy's user:password never reaches a log."""
+    return re.sub(r"//[^/@]*@", "//***@", url)
 
 
 def parse_settings(
@@ -117,53 +206,67 @@ def parse_settings(
     poe_header_hold_s: int = 10,
     poe_keepalive_s: int = 15,
     environ: Mapping[str, str] | None = None,
+    spelling: Spelling = OPTION,
 ) -> Settings:
+    """Every value checked at once; a ConfigError names the option as the user set it."""
     env = os.environ if environ is None else environ
+    name = spelling.name
     # The key comes from the environment when the option is empty, so `--options` and mitmweb's
     # option editor never show it; a key file keeps keys out of the process list too.
     api_keys = split_secrets(
-        [poe_api_key or env.get("POE_API_KEY", ""), *_key_file(poe_api_key_file)]
+        [poe_api_key or env.get("POE_API_KEY", ""), *_key_file(poe_api_key_file, spelling)]
     )
     access_tokens = split_secrets(poe_access_tokens)
     if access_tokens and not api_keys:
+        key_option = "POE_API_KEY" if spelling.env else "poe_api_key (or POE_API_KEY)"
         raise ConfigError(
-            "poe_access_tokens is set but no Poe key is configured: clients would present a "
-            "token and Poe would get no key. Set poe_api_key (or POE_API_KEY), or clear "
-            "poe_access_tokens to let clients send their own Poe key."
+            f"{name('poe_access_tokens')} is set but no Poe key is configured: clients would "
+            f"present a token and Poe would get no key. Set {key_option}, or clear "
+            f"{name('poe_access_tokens')} to let clients send their own Poe key."
         )
+    for host in poe_hosts:
+        if "/" in host or " " in host.strip():
+            # A URL would never match a Host header: its calls would go to OpenAI unanswered.
+            raise ConfigError(
+                f"{name('poe_hosts')} holds {host!r}, which is not a host name; give the host "
+                f"alone, e.g. {spelling.example('poe_hosts', 'api.openai.com')}"
+            )
     hosts = frozenset(normalize_host(h) for h in poe_hosts if h.strip())
     if not hosts:
         raise ConfigError(
-            "poe_hosts is empty: nothing would be answered. Use e.g. --set poe_hosts=api.openai.com"
+            f"{name('poe_hosts')} is empty: nothing would be answered. Use e.g. "
+            f"{spelling.example('poe_hosts', 'api.openai.com')}"
         )
     path = Path(poe_mappings).expanduser()
     if not path.is_absolute():
         path = REPO_ROOT / path
     if not path.is_file():
         raise ConfigError(
-            f"poe_mappings={poe_mappings!r}: no such file ({path}); point it at a YAML map such "
-            f"as {DEFAULT_MAPPINGS}"
+            f"{name('poe_mappings')}={poe_mappings!r}: no such file ({path}); point it at a "
+            f"YAML map such as {DEFAULT_MAPPINGS}"
         )
-    for name, value in (
-        ("poe_max_file_mb", poe_max_file_mb),
-        ("poe_max_body_mb", poe_max_body_mb),
-        ("poe_first_event_timeout_s", poe_first_event_timeout_s),
-        ("poe_idle_timeout_s", poe_idle_timeout_s),
-        ("poe_total_timeout_s", poe_total_timeout_s),
-        ("poe_keepalive_s", poe_keepalive_s),
+    for option, value, least in (
+        ("poe_max_file_mb", poe_max_file_mb, 1),
+        ("poe_max_body_mb", poe_max_body_mb, 1),
+        ("poe_first_event_timeout_s", poe_first_event_timeout_s, 1),
+        ("poe_idle_timeout_s", poe_idle_timeout_s, 1),
+        ("poe_total_timeout_s", poe_total_timeout_s, 1),
+        ("poe_header_hold_s", poe_header_hold_s, 0),
+        ("poe_keepalive_s", poe_keepalive_s, 1),
     ):
-        if value < 1:
-            raise ConfigError(f"{name}={value} must be at least 1")
-    if poe_header_hold_s < 0:
-        raise ConfigError(f"poe_header_hold_s={poe_header_hold_s} must be 0 or more (seconds)")
+        if value < least:
+            raise ConfigError(
+                f"{name(option)}={value} must be at least {least}; use e.g. "
+                f"{spelling.example(option, str(DEFAULTS[option]))}"
+            )
     return Settings(
         api_keys=api_keys,
         access_tokens=access_tokens,
         mappings_path=path,
         hosts=hosts,
-        base_url=_base_url("poe_base_url", poe_base_url),
-        upload_url=_base_url("poe_upload_url", poe_upload_url),
-        proxy=_proxy(poe_proxy),
+        base_url=_base_url("poe_base_url", poe_base_url, spelling),
+        upload_url=_base_url("poe_upload_url", poe_upload_url, spelling),
+        proxy=_proxy(poe_proxy, spelling),
         max_file_bytes=poe_max_file_mb * 1024 * 1024,
         max_body_bytes=poe_max_body_mb * 1024 * 1024,
         timeouts=Timeouts(
@@ -176,19 +279,27 @@ def parse_settings(
     )
 
 
-def _key_file(path: str) -> list[str]:
-    """Keys from a file: one a line; blank lines and # comments are skipped."""
+def _key_file(path: str, spelling: Spelling) -> list[str]:
+    """Keys from a file: one a line; blank lines and # comments (whole-line or after a key,
+    following a space) are skipped."""
     if not path:
         return []
+    option = spelling.name("poe_api_key_file")
     file = Path(path).expanduser()
     try:
         lines = file.read_text(encoding="utf-8").splitlines()
     except OSError as e:
-        raise ConfigError(f"poe_api_key_file={path!r}: cannot read it ({e.strerror})") from None
-    keys = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+        raise ConfigError(f"{option}={path!r}: cannot read it ({e.strerror})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{option}={path!r} is not a UTF-8 text file (one key a line)") from None
+    keys = [key for line in lines if (key := COMMENT.sub("", line).strip())]
     if not keys:
-        raise ConfigError(f"poe_api_key_file={path!r} holds no key (one key a line)")
+        raise ConfigError(f"{option}={path!r} holds no key (one key a line)")
     return keys
+
+
+# A comment starts a line or follows a space: "poe-key  # second account" is the key alone.
+COMMENT = re.compile(r"(^|\s)#.*")
 
 
 @functools.lru_cache(maxsize=256)

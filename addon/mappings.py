@@ -100,4 +100,6 @@ def load_mappings(path: Path) -> ModelMap:
         text = path.read_text(encoding="utf-8")
     except OSError as e:
         raise MappingError(f"{path}: cannot read: {e.strerror}") from None
+    except UnicodeDecodeError as e:  # (a ValueError: it would escape as a traceback)
+        raise MappingError(f"{path}: not UTF-8 text (byte {e.start})") from None
     return parse_mappings(text, str(path))

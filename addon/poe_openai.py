@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import collections.abc
 import contextlib
-import ipaddress
+import difflib
 import json
 import logging
 import signal
@@ -24,9 +24,18 @@ if __package__ in (None, "") or __package__.startswith("__mitmproxy_script__"):
     # Loaded by `mitmdump -s addon/poe_openai.py`: make the `addon` package importable.
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mitmproxy import command, contentviews, ctx, exceptions, http
+from mitmproxy import command, contentviews, ctx, exceptions, http, optmanager
 from mitmproxy.addonmanager import Loader
-from mitmproxy.proxy.mode_specs import LocalMode, ProxyMode, RegularMode, ReverseMode
+from mitmproxy.proxy.mode_specs import (
+    DnsMode,
+    LocalMode,
+    OsProxyMode,
+    ProxyMode,
+    RegularMode,
+    ReverseMode,
+    TunMode,
+    WireGuardMode,
+)
 
 from addon import gctune, views
 from addon.app import FLOW_HEADER, create_app
@@ -35,12 +44,16 @@ from addon.config import (
     DEFAULT_HOSTS,
     DEFAULT_MAPPINGS,
     DEFAULT_UPLOAD_URL,
+    DEFAULTS,
     ConfigError,
     Settings,
     fingerprint,
+    is_loopback_host,
+    parse_bool,
+    parse_int,
     parse_settings,
 )
-from addon.errors import OpenAIError, internal_error, method_not_allowed
+from addon.errors import NO_RETRY, OpenAIError, internal_error, method_not_allowed
 from addon.mappings import MappingError, ModelMap, load_mappings
 from addon.poe import PoeClient
 from addon.quietlog import OwnStreamNotices
@@ -55,7 +68,124 @@ METADATA_KEY = views.METADATA_KEY
 # Methods the app has routes or answers for (the rest get a 405 from the addon itself).
 APP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 SECRET_HEADERS = ("authorization", "api-key", "x-api-key")
-OPTION_NAMES = (
+SEQUENCE = collections.abc.Sequence[str]  # (typing.Sequence[str] breaks --set in mitmproxy 12)
+
+# name, type, default, help: declared in load(), listed by `mitmdump -s ... --options`.
+OPTIONS: tuple[tuple[str, Any, Any, str], ...] = (
+    (
+        "poe_api_key",
+        str,
+        "",
+        "Poe API key(s) from poe.com/api_key, comma-separated. Empty: use the POE_API_KEY "
+        "environment variable; if that is empty too, each client's own Bearer key is "
+        "passed to Poe.",
+    ),
+    (
+        "poe_access_tokens",
+        SEQUENCE,
+        [],
+        "Tokens clients must present as their Bearer key (needs a configured Poe key).",
+    ),
+    (
+        "poe_mappings",
+        str,
+        DEFAULT_MAPPINGS,
+        "YAML map of OpenAI model names to Poe bot names; relative paths resolve against "
+        "the addon's repository.",
+    ),
+    (
+        "poe_hosts",
+        SEQUENCE,
+        list(DEFAULT_HOSTS),
+        "Hosts whose OpenAI API calls are answered with Poe.",
+    ),
+    ("poe_base_url", str, DEFAULT_BASE_URL, "Poe bot API base URL."),
+    ("poe_upload_url", str, DEFAULT_UPLOAD_URL, "Poe file upload base URL."),
+    (
+        "poe_proxy",
+        str,
+        "",
+        "Proxy for reaching Poe (http://, https://, socks5://). Poe calls never use the "
+        "environment's proxy or CA settings.",
+    ),
+    (
+        "poe_max_file_mb",
+        int,
+        DEFAULTS["poe_max_file_mb"],
+        "Largest picture or file (MB) accepted in a chat message; larger ones get a 413.",
+    ),
+    (
+        "poe_api_key_file",
+        str,
+        "",
+        "File with Poe keys, one a line (keeps keys out of the process list).",
+    ),
+    (
+        "poe_max_body_mb",
+        int,
+        DEFAULTS["poe_max_body_mb"],
+        "Largest request body (MB); larger ones get a 413.",
+    ),
+    (
+        "poe_first_event_timeout_s",
+        int,
+        DEFAULTS["poe_first_event_timeout_s"],
+        "Seconds to wait for Poe's first event (504 before the answer starts).",
+    ),
+    (
+        "poe_idle_timeout_s",
+        int,
+        DEFAULTS["poe_idle_timeout_s"],
+        "Seconds Poe may stay silent between two events.",
+    ),
+    (
+        "poe_total_timeout_s",
+        int,
+        DEFAULTS["poe_total_timeout_s"],
+        "Seconds an answer may take in all.",
+    ),
+    (
+        "poe_header_hold_s",
+        int,
+        DEFAULTS["poe_header_hold_s"],
+        "Streams: seconds to hold the status line for Poe's first event; then 200 is "
+        "sent and SSE keep-alives follow while Poe is silent.",
+    ),
+    (
+        "poe_keepalive_s",
+        int,
+        DEFAULTS["poe_keepalive_s"],
+        "Streams: SSE keep-alive comment interval while Poe is silent.",
+    ),
+    (
+        "poe_allow_open_relay",
+        bool,
+        False,
+        "Start even though a configured Poe key would be usable by anyone who can reach a "
+        "non-loopback listener (no poe_access_tokens, no proxyauth).",
+    ),
+    (
+        "poe_response_store_size",
+        int,
+        1000,
+        "Responses API: how many responses are kept for previous_response_id and GET.",
+    ),
+    (
+        "poe_response_store_minutes",
+        int,
+        60,
+        "Responses API: how long (minutes) a response is kept.",
+    ),
+    (
+        "poe_stream_store_limit",
+        int,
+        1_000_000,
+        "Bytes of each streamed answer kept on the flow for inspection (0: keep none).",
+    ),
+)
+OPTION_TYPES: dict[str, Any] = {name: kind for name, kind, _, _ in OPTIONS}
+# The options parse_settings() takes (the others are read where they are used).
+SETTINGS_OPTIONS = (
     "poe_api_key",
     "poe_access_tokens",
     "poe_mappings",
@@ -115,7 +245,7 @@ def redact(flow: http.HTTPFlow) -> None:
 
 
 def exposed_listeners() -> list[str]:
-    """The listeners that other machines can reach (not loopback, not local capture)."""
+    """The listeners that other machines can use without a key of their own."""
     if "mode" not in ctx.options:
         return []
     exposed = []
@@ -124,14 +254,12 @@ def exposed_listeners() -> list[str]:
             mode = ProxyMode.parse(spec)
         except ValueError:
             continue
-        if isinstance(mode, LocalMode):
-            continue  # captures this machine's own programs
+        if isinstance(mode, LocalMode | OsProxyMode | TunMode | DnsMode | WireGuardMode):
+            # Local capture and TUN take this machine's own programs; a WireGuard peer needs
+            # its own key from the confdir; DNS mode answers lookups, never an API call.
+            continue
         host = mode.listen_host(ctx.options.listen_host) or "0.0.0.0"
-        try:
-            loopback = ipaddress.ip_address(host).is_loopback
-        except ValueError:
-            loopback = host == "localhost"
-        if not loopback:
+        if not is_loopback_host(host):
             exposed.append(f"{spec} (listening on {host})")
     return exposed
 
@@ -146,7 +274,7 @@ def guard_open_relay(settings: Settings) -> None:
         return
     exposed = exposed_listeners()
     if exposed:
-        raise exceptions.OptionsError(
+        raise ConfigError(
             "Refusing to start an open relay: a Poe key is configured and "
             f"{', '.join(exposed)} can be reached from other machines by anyone, with no "
             "client auth. Do one of: listen on 127.0.0.1 (e.g. --mode regular@127.0.0.1:8080 or "
@@ -154,6 +282,83 @@ def guard_open_relay(settings: Settings) -> None:
             "present it; set mitmproxy's --set proxyauth=user:pass. To start anyway, "
             "--set poe_allow_open_relay=true."
         )
+
+
+def take_own_deferred(options: optmanager.OptManager) -> tuple[dict[str, Any], list[str]]:
+    """This addon's values among the options mitmproxy deferred until a script declares them
+    (`--set`, config.yaml), parsed here: returns the values and the mistakes found.
+
+    mitmproxy would parse them itself once load() returns, and a value its parser refuses
+    (`poe_idle_timeout_s=abc`, `poe_allow_open_relay=yes`, an option given twice) makes it
+    drop the script without a word: the proxy would run without the addon and send OpenAI
+    calls to OpenAI. Taken here, every mistake is reported by name and stops start-up.
+    """
+    values: dict[str, Any] = {}
+    problems: list[str] = []
+    for name in [n for n in options.deferred if n.startswith("poe_")]:
+        raw = options.deferred.pop(name)
+        kind = OPTION_TYPES.get(name)
+        if kind is None:
+            close = difflib.get_close_matches(name, OPTION_TYPES, n=1)
+            hint = f"did you mean {close[0]}? " if close else ""
+            problems.append(
+                f"{name} is not an option of this addon; {hint}"
+                "mitmdump -s addon/poe_openai.py --options lists them"
+            )
+            continue
+        try:
+            values[name] = option_value(name, kind, raw)
+        except ConfigError as e:
+            problems.append(str(e))
+    return values, problems
+
+
+def option_value(name: str, kind: Any, raw: Any) -> Any:
+    """One deferred value as the option's type: `--set` gives the list of strings typed for
+    the name (mitmproxy's own wrapper), config.yaml a YAML value."""
+    strings = getattr(raw, "val", None)
+    if isinstance(strings, list):
+        if kind is SEQUENCE:
+            return list(strings)  # `--set poe_hosts=a --set poe_hosts=b` is a list
+        if len(strings) > 1:
+            # (the values are not shown: they may be keys)
+            raise ConfigError(
+                f"{name} is given {len(strings)} times (--set {name}=... more than once); "
+                "give it once" + (", with several keys comma-separated" * (name == "poe_api_key"))
+            )
+        if not strings:  # `--set name` without "="
+            if kind is bool:
+                return True  # mitmproxy's meaning: a bare boolean switches it on
+            raise ConfigError(f"--set {name} needs a value: --set {name}=VALUE")
+        text = strings[0]
+    elif kind is SEQUENCE:
+        if isinstance(raw, str):
+            return [raw]
+        if isinstance(raw, list) and all(isinstance(v, str) for v in raw):
+            return raw
+        raise ConfigError(f"{name} in config.yaml must be a list of strings")
+    elif (isinstance(raw, bool) and kind is not bool) or not isinstance(raw, str | int | float):
+        raise ConfigError(f"{name}: {raw!r} in config.yaml is not a {kind.__name__}")
+    elif isinstance(raw, kind):
+        return raw
+    else:
+        text = str(raw)
+    if kind is bool:
+        return parse_bool(text, name)
+    if kind is int:
+        return parse_int(text, name)
+    return text
+
+
+def not_configured() -> OpenAIError:
+    return OpenAIError(
+        503,
+        "The Poe addon refused its configuration (see the proxy's log) and answers nothing "
+        "until it is fixed; this request was not sent anywhere.",
+        "server_error",
+        "proxy_not_configured",
+        headers=dict(NO_RETRY),
+    )
 
 
 class StoredStream:
@@ -188,137 +393,91 @@ class PoeOpenAI:
         self.server: LoopbackServer | None = None
         self.watcher: asyncio.Task[None] | None = None
         self.notices = OwnStreamNotices()
+        self.configured = False  # configure() ran (mitmproxy applied the options)
+        self.refusals: list[str] = []  # why start-up was refused (each logged once)
 
     def load(self, loader: Loader) -> None:
         self.notices.install()
         for view in views.VIEWS:
             contentviews.add(view)
-        loader.add_option(
-            "poe_api_key",
-            str,
-            "",
-            "Poe API key(s) from poe.com/api_key, comma-separated. Empty: use the POE_API_KEY "
-            "environment variable; if that is empty too, each client's own Bearer key is "
-            "passed to Poe.",
-        )
-        loader.add_option(
-            "poe_access_tokens",
-            collections.abc.Sequence[str],
-            [],
-            "Tokens clients must present as their Bearer key (needs a configured Poe key).",
-        )
-        loader.add_option(
-            "poe_mappings",
-            str,
-            DEFAULT_MAPPINGS,
-            "YAML map of OpenAI model names to Poe bot names; relative paths resolve against "
-            "the addon's repository.",
-        )
-        loader.add_option(
-            "poe_hosts",
-            collections.abc.Sequence[str],
-            list(DEFAULT_HOSTS),
-            "Hosts whose OpenAI API calls are answered with Poe.",
-        )
-        loader.add_option("poe_base_url", str, DEFAULT_BASE_URL, "Poe bot API base URL.")
-        loader.add_option("poe_upload_url", str, DEFAULT_UPLOAD_URL, "Poe file upload base URL.")
-        loader.add_option(
-            "poe_proxy",
-            str,
-            "",
-            "Proxy for reaching Poe (http://, https://, socks5://). Poe calls never use the "
-            "environment's proxy or CA settings.",
-        )
-        loader.add_option(
-            "poe_max_file_mb",
-            int,
-            50,
-            "Largest picture or file (MB) accepted in a chat message; larger ones get a 413.",
-        )
-        loader.add_option(
-            "poe_api_key_file",
-            str,
-            "",
-            "File with Poe keys, one a line (keeps keys out of the process list).",
-        )
-        loader.add_option(
-            "poe_max_body_mb", int, 64, "Largest request body (MB); larger ones get a 413."
-        )
-        loader.add_option(
-            "poe_first_event_timeout_s",
-            int,
-            120,
-            "Seconds to wait for Poe's first event (504 before the answer starts).",
-        )
-        loader.add_option(
-            "poe_idle_timeout_s", int, 120, "Seconds Poe may stay silent between two events."
-        )
-        loader.add_option("poe_total_timeout_s", int, 900, "Seconds an answer may take in all.")
-        loader.add_option(
-            "poe_header_hold_s",
-            int,
-            10,
-            "Streams: seconds to hold the status line for Poe's first event; then 200 is "
-            "sent and SSE keep-alives follow while Poe is silent.",
-        )
-        loader.add_option(
-            "poe_keepalive_s",
-            int,
-            15,
-            "Streams: SSE keep-alive comment interval while Poe is silent.",
-        )
-        loader.add_option(
-            "poe_allow_open_relay",
-            bool,
-            False,
-            "Start even though a configured Poe key would be usable by anyone who can reach a "
-            "non-loopback listener (no poe_access_tokens, no proxyauth).",
-        )
-        loader.add_option(
-            "poe_response_store_size",
-            int,
-            1000,
-            "Responses API: how many responses are kept for previous_response_id and GET.",
-        )
-        loader.add_option(
-            "poe_response_store_minutes",
-            int,
-            60,
-            "Responses API: how long (minutes) a response is kept.",
-        )
-        loader.add_option(
-            "poe_stream_store_limit",
-            int,
-            1_000_000,
-            "Bytes of each streamed answer kept on the flow for inspection (0: keep none).",
-        )
+        with contextlib.suppress(RuntimeError):  # no event loop: nothing runs anyway
+            # Once script loading is over: had mitmproxy failed to apply the options for any
+            # other reason, it would have dropped the addon silently. Stop start-up instead.
+            asyncio.get_running_loop().call_soon(self._check_configured)
+        for name, kind, default, help in OPTIONS:
+            loader.add_option(name, kind, default, help)
+        options = loader.master.options
+        values, problems = take_own_deferred(options)
+        for problem in problems:
+            self._refuse(problem)
+        options.update(**values)
+
+    def _check_configured(self) -> None:
+        if not self.configured:
+            self._refuse(
+                "mitmproxy did not apply this addon's options, so the addon would not run and "
+                "OpenAI calls would go to OpenAI; check the poe_* --set values and config.yaml "
+                "in the confdir"
+            )
+
+    def _refuse(self, message: str) -> None:
+        """A configuration mistake. Before the addon has a working configuration this stops
+        start-up: one error line (mitmproxy exits on errors logged during start-up), and every
+        flow gets a 503 meanwhile. Later, mitmproxy rolls the change back."""
+        if self.settings is not None:
+            raise exceptions.OptionsError(message)
+        if message not in self.refusals:
+            # Each once: a refused configuration is not rolled back (there is nothing to roll
+            # back to), so nothing here loops; later configure calls would repeat it.
+            self.refusals.append(message)
+            logger.error("poe-openai: cannot start: %s", message)
 
     def configure(self, updated: set[str]) -> None:
-        if "connection_strategy" in ctx.options and ctx.options.connection_strategy != "lazy":
-            # With "eager", mitmproxy connects to api.openai.com before any hook sees the
-            # request: offline clients are dropped, online ones leak a connection to OpenAI.
-            logger.info("poe-openai: setting connection_strategy=lazy")
-            ctx.options.connection_strategy = "lazy"
-        if "poe_stream_store_limit" in updated and ctx.options.poe_stream_store_limit < 0:
-            raise exceptions.OptionsError(
-                "poe_stream_store_limit must be >= 0 (bytes); use 0 to keep no streamed body"
-            )
-        for name in ("poe_response_store_size", "poe_response_store_minutes"):
-            if name in updated and getattr(ctx.options, name) < 1:
-                raise exceptions.OptionsError(f"{name} must be at least 1")
-        if self.settings is None or updated.intersection(OPTION_NAMES):
-            try:
-                settings = parse_settings(
-                    **{name: getattr(ctx.options, name) for name in OPTION_NAMES}
+        self.configured = True
+        if self.refusals:
+            self._force_lazy_connections()
+            return
+        try:
+            settings, model_map = self._parse(updated)
+            for name in ("poe_response_store_size", "poe_response_store_minutes"):
+                if getattr(ctx.options, name) < 1:
+                    raise ConfigError(f"{name}={getattr(ctx.options, name)} must be at least 1")
+            if ctx.options.poe_stream_store_limit < 0:
+                raise ConfigError(
+                    f"poe_stream_store_limit={ctx.options.poe_stream_store_limit} must be 0 or "
+                    "more (bytes); use 0 to keep no streamed body"
                 )
-                model_map = load_mappings(settings.mappings_path)
-            except (ConfigError, MappingError) as e:
-                raise exceptions.OptionsError(str(e)) from None
+            guard_open_relay(settings)
+        except ConfigError as e:
+            self._refuse(str(e))
+            self._force_lazy_connections()
+            return
+        if settings is not self.settings:
             self._apply(settings, model_map)
-        assert self.service is not None and self.settings is not None
-        guard_open_relay(self.settings)
+        assert self.service is not None
         self.service.responses.max_entries = ctx.options.poe_response_store_size
         self.service.responses.max_age_s = ctx.options.poe_response_store_minutes * 60
+        self._force_lazy_connections()
+
+    def _parse(self, updated: set[str]) -> tuple[Settings, ModelMap]:
+        unchanged = not updated.intersection(SETTINGS_OPTIONS)
+        if unchanged and self.settings is not None and self.service is not None:
+            return self.settings, self.service.model_map
+        settings = parse_settings(**{name: getattr(ctx.options, name) for name in SETTINGS_OPTIONS})
+        try:
+            return settings, load_mappings(settings.mappings_path)
+        except MappingError as e:
+            raise ConfigError(f"poe_mappings: {e}") from None
+
+    def _force_lazy_connections(self) -> None:
+        # With "eager", mitmproxy connects to api.openai.com before any hook sees the request:
+        # offline clients are dropped, online ones leak a connection to OpenAI. Set only once
+        # this configuration is judged: the change runs configure() again, and a refusal
+        # raised inside it would be rolled back by resetting the strategy, again and again.
+        if "connection_strategy" in ctx.options and ctx.options.connection_strategy != "lazy":
+            if not self.refusals:
+                logger.info("poe-openai: setting connection_strategy=lazy")
+            ctx.options.connection_strategy = "lazy"
 
     def _apply(self, settings: Settings, model_map: ModelMap) -> None:
         old = self.settings
@@ -340,7 +499,8 @@ class PoeOpenAI:
             _close_later(previous, settings.timeouts.total + 60)
 
     def running(self) -> None:
-        assert self.service is not None and self.settings is not None
+        if self.service is None or self.settings is None:
+            return  # refused (logged); answered hosts get a 503 until mitmproxy exits
         raise_open_file_limit()
         if self.watcher is None:
             gctune.tune()
@@ -449,6 +609,9 @@ class PoeOpenAI:
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         # Route here already, so that a request whose body streams (stream_large_bodies)
         # also goes to the loopback app and never to the real host.
+        if self.settings is None and flow.response is None:
+            refuse(flow, not_configured())  # fail closed until mitmproxy exits
+            return
         if flow.response is not None or not self._answers(flow):
             return
         assert self.settings is not None

@@ -4,21 +4,25 @@ from __future__ import annotations
 
 import asyncio
 import os
-import resource
 from collections import Counter
 from typing import Any
 
 from addon.service import Service
 
 
-def rss_mb() -> float:
-    """Resident memory now (Linux), else the peak."""
+def rss_mb() -> float | None:
+    """Resident memory now (Linux), else the peak (other Unix), else None (Windows)."""
     try:
         with open("/proc/self/statm") as f:
             pages = int(f.read().split()[1])
         return round(pages * os.sysconf("SC_PAGE_SIZE") / 2**20, 1)
-    except (OSError, ValueError, IndexError):
-        return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    except (OSError, ValueError, IndexError, AttributeError):  # (no os.sysconf on Windows)
+        pass
+    try:
+        import resource  # Unix only
+    except ImportError:
+        return None
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
 def status(service: Service) -> dict[str, Any]:
