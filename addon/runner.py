@@ -103,13 +103,21 @@ class ReplyRunner:
             raise PoeError(PoeFailure(self.bot, timeout=kind)) from None
 
     async def first(self) -> None:
-        """Wait for Poe's first event that says something: it decides the HTTP status."""
-        while (event := await self._next(first=True)) is not None:
-            if event.kind != "meta":
-                piece = self._feed(event)
-                if piece is not None:
-                    self._pending.append(piece)
+        """Wait for Poe's first event that says something: it decides the HTTP status.
+        Status text ("Thinking...") is held back, so it does not count: a bot that fails
+        after it still fails with a real HTTP status (a stream waits at most
+        poe_header_hold_s for this; see Call.start)."""
+        first = True
+        while (event := await self._next(first=first)) is not None:
+            if event.kind == "meta":
+                continue
+            first = False
+            piece = self._feed(event)
+            if piece is not None:
+                self._pending.append(piece)
                 return
+            if self.cut or len(self._text) or event.kind not in ("text", "replace"):
+                return  # real text (JSON mode sends it at the end), a file, a tool call...
 
     async def pieces(self) -> AsyncIterator[Piece]:
         """The rest of the answer; the last piece carries ``finish``. Raises PoeError (after
@@ -126,7 +134,7 @@ class ReplyRunner:
                     if self.cut:
                         break  # stop or limit reached: drop the Poe query now
         except PoeError:
-            tail = self._finish_text()
+            tail = self._finish_text(failed=True)
             if tail:
                 yield Piece(self.index, tail)
             raise
@@ -148,8 +156,9 @@ class ReplyRunner:
         )
         yield Piece(self.index, tail, finish=self.finish_reason)
 
-    def _finish_text(self) -> str:
-        held = self.reply.finish() if not self.cut else ""
+    def _finish_text(self, failed: bool = False) -> str:
+        answer = self.reply.answer
+        held = "" if self.cut else answer.abandon() if failed else answer.finish()
         piece = self._piece(held, []) if held else None
         text = piece.text if piece else ""
         rest = self.limit.feed(self.stop.flush()) if not self.cut else ""
