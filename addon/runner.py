@@ -116,8 +116,8 @@ class ReplyRunner:
             if piece is not None:
                 self._pending.append(piece)
                 return
-            if self.cut or len(self._text) or event.kind not in ("text", "replace"):
-                return  # real text (JSON mode sends it at the end), a file, a tool call...
+            if self.cut or len(self._text):
+                return  # the answer has begun (JSON mode sends its text at the end)
 
     async def pieces(self) -> AsyncIterator[Piece]:
         """The rest of the answer; the last piece carries ``finish``. Raises PoeError (after
