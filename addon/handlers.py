@@ -112,8 +112,7 @@ class Call:
             return work()
         except Exception as e:
             logger.warning(
-                "poe-openai: %s: %s failed after Poe answered (%s: %s); the answer is "
-                "delivered anyway",
+                "poe-openai: %s: %s failed (%s: %s); the answer goes to the client anyway",
                 self.label,
                 step,
                 type(e).__name__,
@@ -215,8 +214,13 @@ class Call:
             asyncio.create_task(self._start_one(q, lambda events, i=i: make(i, events)))
             for i, q in enumerate(queries)
         ]
-        # for the flow's view; made while the queries are on their way, not before
-        self.info["poe_query"] = queries[0].model_dump(mode="json", exclude_defaults=True)
+        # for the flow's view; made while the queries are on their way, not before (and
+        # never at the cost of the answer they will bring)
+        self.info["poe_query"] = self.safely(
+            "describing the Poe query",
+            lambda: queries[0].model_dump(mode="json", exclude_defaults=True),
+            dict,
+        )
         hold = self.service.settings.timeouts.header_hold if stream else None
         try:
             done, pending = await asyncio.wait(

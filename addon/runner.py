@@ -143,7 +143,9 @@ class ReplyRunner:
         tail = self._finish_text()
         if self.json_mode and (self.text.strip() or not self.tool_calls):
             cleaned = clean_json(self.text)
-            if cleaned is None and not self.limit.reached:
+            # Text the client's own stop sequence or token limit cut short is what it asked
+            # for: only an answer the bot itself got wrong is refused (Poe was paid either way).
+            if cleaned is None and not self.limit.reached and not self.stop.stopped:
                 raise invalid_json(self.text)
             self.text = cleaned if cleaned is not None else self.text
             tail = self.text

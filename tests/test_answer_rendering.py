@@ -179,6 +179,7 @@ def test_first_waits_past_status_text_so_a_failure_decides_the_status() -> None:
     async def main() -> None:
         events = scripted(
             PoeEvent("meta"),
+            PoeEvent("suggested", text="Ask again?"),
             PoeEvent("replace", text="Thinking..."),
             PoeEvent("replace", text="Thinking... (1s elapsed)"),
             BROKE,

@@ -152,7 +152,7 @@ def test_a_failing_count_or_store_still_delivers_the_answer(
     assert_no_traceback(log)
     assert len(re.findall(r"counting tokens failed \(RuntimeError: tokenizer broke\)", log)) == 1
     if endpoint == "responses":
-        assert "storing the response failed after Poe answered" in log
+        assert "storing the response failed (RuntimeError: store broke)" in log
 
 
 def test_max_tokens_with_a_failing_tokenizer_still_answers(
@@ -164,6 +164,30 @@ def test_max_tokens_with_a_failing_tokenizer_still_answers(
     )
     assert done.choices[0].message.content == "one two "  # the estimate's 2 x 4 characters
     assert done.choices[0].finish_reason == "length"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_json_cut_by_the_clients_own_stop_sequence_is_delivered(
+    proxy: Mitmdump, fake_poe: FakePoe, bot: str, stream: bool
+) -> None:
+    # Poe answered valid JSON; the client's stop sequence cut it. Refusing the cut text as
+    # "invalid JSON" (502) lost an answer the proxy itself had shortened.
+    fake_poe.script(bot, [text('{"a": 1, '), text('"b": 2}')])
+    request: dict[str, Any] = {
+        "model": bot,
+        "messages": [{"role": "user", "content": "json please"}],
+        "response_format": {"type": "json_object"},
+        "stop": [","],
+    }
+    client = proxy.reverse_client()
+    if stream:
+        chunks = list(client.chat.completions.create(**request, stream=True))
+        answer = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        finish = [c.choices[0].finish_reason for c in chunks if c.choices][-1]
+    else:
+        done = client.chat.completions.create(**request)
+        answer, finish = done.choices[0].message.content or "", done.choices[0].finish_reason
+    assert (answer, finish) == ('{"a": 1', "stop")
 
 
 # --- 3. rendering: a bot's text that UTF-8 cannot encode (sibling) -----------------------------
