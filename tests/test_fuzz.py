@@ -766,6 +766,12 @@ SAMPLE_BODIES: list[dict[str, Any]] = [
         "stop": ["x"],
         "response_format": {"type": "json_object"},
     },
+    {  # the client's own stop sequence cuts the bot's valid JSON
+        "model": JSON_BOT,
+        "messages": [{"role": "user", "content": "json"}],
+        "response_format": {"type": "json_object"},
+        "stop": ["o"],
+    },
 ]
 
 # --- headers
@@ -863,6 +869,7 @@ HEADER_TARGETS: list[tuple[str, str, dict[str, Any] | None]] = [
     ("GET", "/v1/models", None),  # first: drawn most often, and cheap
     ("POST", "/v1/chat/completions", SAMPLE_BODIES[0]),
     ("POST", "/v1/chat/completions", SAMPLE_BODIES[1]),  # streamed
+    ("POST", "/v1/chat/completions", SAMPLE_BODIES[-1]),  # JSON cut by the client's stop
     ("POST", "/v1/responses", {"model": ECHO_BOT, "input": "hi"}),
     ("POST", "/v1/completions", {"model": OK_BOTS[1]}),
     ("POST", "/v1/chat/completions", None),
@@ -1432,7 +1439,8 @@ def headers_answered(fuzzer: Fuzzer, example: tuple[int, list[tuple[str, Any]], 
     index, headers, framing = example
     method, path, body = HEADER_TARGETS[index]
     content = None if body is None else _json(body)
-    fuzzer.send(method, path, content, headers=headers, chunked=framing == "chunked")
+    r, parsed = fuzzer.send(method, path, content, headers=headers, chunked=framing == "chunked")
+    check_poe_answer_kept(body, r, parsed)
 
 
 def route_answered(fuzzer: Fuzzer, example: tuple[str, str, str, bytes | None]) -> None:
@@ -1443,7 +1451,12 @@ def route_answered(fuzzer: Fuzzer, example: tuple[str, str, str, bytes | None]) 
 def raw_body_answered(fuzzer: Fuzzer, example: tuple[str, str | None, bytes, str]) -> None:
     path, content_type, body, framing = example
     headers = [] if content_type is None else [("content-type", content_type)]
-    fuzzer.send("POST", path, body, headers=headers, chunked=framing == "chunked")
+    r, parsed = fuzzer.send("POST", path, body, headers=headers, chunked=framing == "chunked")
+    try:
+        sent = json.loads(body)
+    except ValueError:
+        sent = None
+    check_poe_answer_kept(sent, r, parsed)
 
 
 COMPLETIONS_RESPONSES_OR_IMAGES = st.tuples(
