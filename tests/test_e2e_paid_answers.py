@@ -103,6 +103,25 @@ def test_a_long_message_is_answered_and_counted(
     assert "failed" not in log and "internal error" not in log, log[-2000:]
 
 
+# 300,000 CJK characters: under the 1,000,000-character limit, yet 569,835 o200k tokens, over
+# bpe-openai's other limit of 200,000 tokens a call (the count is the one its error reports).
+MANY_TOKENS = "".join(chr(0x4E00 + i % 20_000) for i in range(300_000))
+MANY_TOKENS_COUNT = 569_835
+
+
+@pytest.mark.parametrize(("endpoint", "kind"), CASES)
+def test_a_message_of_many_tokens_under_a_million_characters(
+    proxy: Mitmdump, fake_poe: FakePoe, bot: str, endpoint: str, kind: str
+) -> None:
+    fake_poe.script(bot, [echo()])
+    answer, usage = ENDPOINTS[endpoint](proxy.reverse_client(), bot, MANY_TOKENS, kind)
+    assert answer == MANY_TOKENS
+    if usage is not None:
+        prompt, completion = token_counts(endpoint, usage)
+        assert completion == MANY_TOKENS_COUNT
+        assert prompt >= MANY_TOKENS_COUNT
+
+
 # --- 2. a failing post-answer step never loses the answer (item 1, the general rule) -----------
 
 BREAK_COUNTING_AND_STORE = '''
