@@ -106,8 +106,9 @@ class Call:
         return err
 
     def safely(self, step: str, work: Callable[[], T], fallback: Callable[[], T]) -> T:
-        """A step taken after Poe answered (counting, the response store): the client has
-        paid for the answer, so a failure here is logged in one line and never loses it."""
+        """A step of the proxy's own that the answer does not need (counting, the flow's view,
+        the response store): the client pays Poe for the answer, so a failure here is logged
+        in one line and never loses it."""
         try:
             return work()
         except Exception as e:
