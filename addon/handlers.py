@@ -181,9 +181,9 @@ class Call:
             runner.key = key
             try:
                 await runner.first()
-                self.info.setdefault(
-                    "first_event_ms", round((time.monotonic() - self.started) * 1000)
-                )
+                # Poe's first event, status text included (the answer may begin later)
+                first = runner.first_event_at or time.monotonic()
+                self.info.setdefault("first_event_ms", round((first - self.started) * 1000))
                 self.info["key"] = fingerprint(key)
                 return runner
             except PoeError as e:

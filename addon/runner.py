@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -72,6 +73,7 @@ class ReplyRunner:
         self.cut = False  # a stop sequence or the token limit ended the answer early
         self.finish_reason: str | None = None
         self._pending: list[Piece] = []
+        self.first_event_at: float | None = None  # time.monotonic() of Poe's first event
 
     def _piece(self, text: str, deltas: list[dict[str, Any]]) -> Piece | None:
         if self.cut:
@@ -111,6 +113,8 @@ class ReplyRunner:
         while (event := await self._next(first=first)) is not None:
             if event.kind == "meta":
                 continue
+            if first:
+                self.first_event_at = time.monotonic()
             first = False
             piece = self._feed(event)
             if piece is not None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 from collections.abc import AsyncIterator
 
 import bpe_openai
@@ -244,3 +245,20 @@ def test_a_failure_mid_answer_never_releases_held_status_text() -> None:
         return sent
 
     assert "".join(asyncio.run(main())) == ""
+
+
+def test_the_first_event_time_is_the_status_texts_not_the_answers() -> None:
+    async def status_then_answer() -> AsyncIterator[PoeEvent]:
+        yield PoeEvent("replace", text="Thinking...")
+        await asyncio.sleep(0.3)
+        yield PoeEvent("text", text="Four.")
+
+    async def main() -> tuple[float, float, float]:
+        runner = ReplyRunner(0, status_then_answer(), TokenCounter("gpt-4o"), bot="b")
+        start = time.monotonic()
+        await runner.first()
+        assert runner.first_event_at is not None
+        return start, runner.first_event_at, time.monotonic()
+
+    start, first_event, answered = asyncio.run(main())
+    assert first_event - start < 0.2 <= answered - start
