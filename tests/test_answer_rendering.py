@@ -60,6 +60,23 @@ def test_counts_past_a_million_characters(text: str, model: str, expected: int) 
     assert TokenCounter(model).count(text) == expected
 
 
+@pytest.mark.parametrize("pairs", [499_999, 500_000, 500_001])  # 999,998 to 1,000,002 characters
+def test_counts_at_under_and_over_a_million_characters(pairs: int) -> None:
+    assert TokenCounter("gpt-4").count("ab" * pairs) == pairs  # "ab" is one cl100k token
+
+
+@pytest.mark.parametrize("n", [399_998, 400_000, 400_002])  # 199,999 to 200,001 tokens
+def test_counts_at_under_and_over_two_hundred_thousand_tokens(n: int) -> None:
+    assert TokenCounter("gpt-4o").count("ü" * n) == n // 2  # "üü" is one o200k token
+
+
+def test_pieces_at_under_and_over_their_size() -> None:
+    assert [len(p) for p in pieces("a" * 49_999)] == [49_999]
+    assert [len(p) for p in pieces("a" * 50_000)] == [50_000]
+    assert [len(p) for p in pieces("a" * 50_001)] == [50_000, 1]
+    assert pieces("") == [""]
+
+
 def test_counts_past_two_hundred_thousand_tokens_under_a_million_characters() -> None:
     text = mixed_text(120_000)
     assert len(text) < 1_000_000
