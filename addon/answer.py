@@ -45,7 +45,8 @@ def attachment_markdown(attachment: Attachment) -> str:
     """A markdown link for a file a bot returned: images inline, other files as links."""
     name = attachment.name or "file"
     if attachment.inline_ref:
-        # The bot's text already refers to it as [..][inline_ref]; define the reference.
+        # The bot's text refers to it as [..][inline_ref] (before or after this event, which
+        # Poe sends first): define the reference. AnswerStream puts it on a line of its own.
         return f"[{attachment.inline_ref}]: {attachment.url}"
     if (attachment.content_type or "").startswith("image/"):
         return f"![{name}]({attachment.url})"
@@ -63,6 +64,9 @@ class AnswerStream:
         self._replaced_len = 0
         self._cursor = 0  # answer[:cursor] is accounted for on the client side
         self.files: list[Attachment] = []  # files the bot returned (Poe's own URLs)
+        # A file's markdown ends the answer so far: text that follows starts a new paragraph,
+        # or it would glue onto the URL ("[ref]: https://.../cat.png![cat][ref]").
+        self._after_file = False
 
     @property
     def answer(self) -> str:
@@ -73,6 +77,10 @@ class AnswerStream:
         return str(self._client)
 
     def text(self, text: str) -> str:
+        if self._after_file and text:
+            self._after_file = False
+            if not text.startswith("\n"):
+                text = "\n\n" + text
         self._answer.append(text)
         self._held = self._status_only()
         return self._commit()
@@ -90,6 +98,7 @@ class AnswerStream:
             self._held = False
             delta = self._commit()
         self._answer = TextBuffer(text)
+        self._after_file = False
         self._replaced = True
         self._replaced_len = len(text)
         self._held = True
@@ -97,17 +106,31 @@ class AnswerStream:
 
     def file(self, attachment: Attachment) -> str:
         self.files.append(attachment)
-        link = attachment_markdown(attachment)
         answer = self.answer
+        if not attachment.inline_ref and f"]({attachment.url}" in answer:
+            # The bot's text already links this very file: showing it twice helps nobody.
+            self._held = False
+            return self._commit()
+        link = attachment_markdown(attachment)
         if answer and not answer.endswith("\n"):
             link = "\n\n" + link
+        elif attachment.inline_ref and answer.endswith("\n") and not answer.endswith("\n\n"):
+            link = "\n" + link  # a definition cannot interrupt a paragraph: a blank line first
         self._answer.append(link)
+        self._after_file = True
         self._held = False
         return self._commit()
 
     def finish(self) -> str:
         self._held = False
         return self._commit()
+
+    def abandon(self) -> str:
+        """The end of an answer that failed: held text goes out, unless it is only status
+        ("Thinking..."), which means nothing once the bot has failed."""
+        if self._held and self._status_only():
+            return ""
+        return self.finish()
 
     def _status_only(self) -> bool:
         if self._replaced and not is_status_text(self.answer[: self._replaced_len]):

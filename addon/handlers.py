@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from functools import partial
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi_poe.types import ProtocolMessage, QueryRequest
 from starlette.requests import Request
@@ -23,13 +24,25 @@ from addon.pacing import with_ticks
 from addon.poe import PoeError
 from addon.runner import Piece, ReplyRunner, merge
 from addon.service import FLOW_HEADER, SSE_DONE, Auth, Service, TextEvents, new_id, sse
-from addon.tokens import TokenCounter
+from addon.tokens import TokenCounter, estimate
+
+T = TypeVar("T")
 
 logger = logging.getLogger(__name__)
 
 MODEL_CREATED = 1_700_000_000  # a fixed date: Poe does not say when a bot was made
 SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 KEEPALIVE = b": keep-alive\n\n"  # an SSE comment: clients ignore it, middleboxes see traffic
+
+
+class AnswerJSON(JSONResponse):
+    """A JSON answer in ASCII, as the stream's events are: a bot's text may hold a lone
+    surrogate (an emoji cut in two by a bot that streams UTF-16), which UTF-8 cannot encode
+    and Starlette's JSONResponse would turn into a 500 after Poe answered. Escaped, the
+    client's JSON parser joins the halves again."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, separators=(",", ":")).encode()
 
 
 def runner_limits(service: Service, bot: str) -> dict[str, Any]:
@@ -80,6 +93,9 @@ class Call:
             service.flow_info[flow_id] = self.info
         self.runners: list[ReplyRunner] = []
         self._starting: list[asyncio.Task[ReplyRunner]] = []
+        self.counter = TokenCounter(model)
+        self._usage: dict[str, int] | None = None
+        self._completion_tokens: int | None = None
 
     def failure(self, e: PoeError, when: str) -> OpenAIError:
         err = classify_failure(e.failure, client_key=self.auth.client_key)
@@ -89,11 +105,53 @@ class Call:
         logger.info("poe-openai: %s failed %s: %s", self.label, when, err)
         return err
 
-    def done(self, how: str) -> None:
+    def safely(self, step: str, work: Callable[[], T], fallback: Callable[[], T]) -> T:
+        """A step of the proxy's own that the answer does not need (counting, the flow's view,
+        the response store): the client pays Poe for the answer, so a failure here is logged
+        in one line and never loses it."""
+        try:
+            return work()
+        except Exception as e:
+            logger.warning(
+                "poe-openai: %s: %s failed (%s: %s); the answer goes to the client anyway",
+                self.label,
+                step,
+                type(e).__name__,
+                str(e)[:200],
+            )
+            return fallback()
+
+    def usage(self, prompts: list[str], answers: list[str], *, chat_format: bool) -> dict[str, int]:
+        """The usage the client gets, counted once; the flow's comment shows the same count."""
+        if self._usage is None:
+            counter = self.counter
+
+            def prompt_tokens() -> int:
+                if chat_format:
+                    return counter.messages(prompts)
+                return sum(counter.count(p) for p in prompts)
+
+            prompt = self.safely(
+                "counting tokens", prompt_tokens, lambda: sum(estimate(p) for p in prompts)
+            )
+            self._usage = chat.usage(prompt, self.completion_tokens(answers))
+        return self._usage
+
+    def completion_tokens(self, answers: list[str]) -> int:
+        if self._completion_tokens is None:
+            self._completion_tokens = self.safely(
+                "counting tokens",
+                lambda: sum(self.counter.count(a) for a in answers),
+                lambda: sum(estimate(a) for a in answers),
+            )
+            self.info["completion_tokens"] = self._completion_tokens
+        return self._completion_tokens
+
+    def done(self, how: str, answers: list[str] | None = None) -> None:
         ms = (time.monotonic() - self.started) * 1000
         self.info["total_ms"] = round(ms)
-        # about four characters a token: a cheap estimate for the flow's comment
-        self.info["tokens_est"] = sum(len(r.text) for r in self.runners) // 4
+        if answers is not None:
+            self.completion_tokens(answers)  # the usage's figure, when the client got usage
         logger.info("poe-openai: %s %s in %.0f ms", self.label, how, ms)
 
     def _key_trouble(self, key: str, failure: PoeFailure, err: OpenAIError) -> bool:
@@ -123,9 +181,9 @@ class Call:
             runner.key = key
             try:
                 await runner.first()
-                self.info.setdefault(
-                    "first_event_ms", round((time.monotonic() - self.started) * 1000)
-                )
+                # Poe's first event, status text included (the answer may begin later)
+                first = runner.first_event_at or time.monotonic()
+                self.info.setdefault("first_event_ms", round((first - self.started) * 1000))
                 self.info["key"] = fingerprint(key)
                 return runner
             except PoeError as e:
@@ -157,8 +215,13 @@ class Call:
             asyncio.create_task(self._start_one(q, lambda events, i=i: make(i, events)))
             for i, q in enumerate(queries)
         ]
-        # for the flow's view; made while the queries are on their way, not before
-        self.info["poe_query"] = queries[0].model_dump(mode="json", exclude_defaults=True)
+        # for the flow's view; made while the queries are on their way, not before (and
+        # never at the cost of the answer they will bring)
+        self.info["poe_query"] = self.safely(
+            "describing the Poe query",
+            lambda: queries[0].model_dump(mode="json", exclude_defaults=True),
+            dict,
+        )
         hold = self.service.settings.timeouts.header_hold if stream else None
         try:
             done, pending = await asyncio.wait(
@@ -250,7 +313,7 @@ async def chat_completions(service: Service, request: Request) -> Response:
         await service.json(request), service.model_map, service.settings.max_file_bytes
     )
     call = Call(service, auth, req.model, req.bot, request)
-    counter = TokenCounter(req.model)
+    counter = call.counter
     try:
         query = await attach(service, req, chat.to_query(req, new_id), auth)
     except PoeError as e:
@@ -278,17 +341,17 @@ async def chat_completions(service: Service, request: Request) -> Response:
     completion_id = "chatcmpl-" + new_id()[:24]
     created = int(time.time())
 
-    def prompt_tokens() -> int:  # counted when usage is written, not on the first token's path
-        return counter.messages([m.content for m in query.query])
+    def usage(answers: list[str]) -> dict[str, int]:  # counted when written, not on the way
+        return call.usage([m.content for m in query.query], answers, chat_format=True)
 
     if not sampling.stream:
         await call.collect()
         choices = [
             chat.Choice(r.final_text, r.finish_reason or "stop", r.tool_calls) for r in call.runners
         ]
-        usage = chat.usage(prompt_tokens(), sum(counter.count(c.text) for c in choices))
+        answered = usage([c.text for c in choices])
         call.done("answered")
-        return JSONResponse(chat.completion(completion_id, created, req.model, choices, usage))
+        return AnswerJSON(chat.completion(completion_id, created, req.model, choices, answered))
 
     chunks = chat.ChunkFactory(completion_id, created, req.model, sampling.include_usage)
     content = [TextEvents(partial(chunks.content, index=i)) for i in range(sampling.n)]
@@ -321,11 +384,10 @@ async def chat_completions(service: Service, request: Request) -> Response:
                 held = b""
         tail = [held]
         if sampling.include_usage:
-            completion_tokens = sum(counter.count(r.text) for r in call.runners)
-            tail.append(sse(chunks.usage(chat.usage(prompt_tokens(), completion_tokens))))
+            tail.append(sse(chunks.usage(usage([r.text for r in call.runners]))))
         tail.append(SSE_DONE)
         yield b"".join(tail)
-        call.done("streamed")
+        call.done("streamed", [r.text for r in call.runners])
 
     return call.stream(request, body)
 
@@ -337,7 +399,7 @@ async def legacy_completions(service: Service, request: Request) -> Response:
     auth = service.authenticate(request)
     req = completions.parse_completion_request(await service.json(request), service.model_map)
     call = Call(service, auth, req.model, req.bot, request)
-    counter = TokenCounter(req.model)
+    counter = call.counter
     sampling = req.sampling
     conversations = req.conversations()
     queries = [
@@ -360,8 +422,8 @@ async def legacy_completions(service: Service, request: Request) -> Response:
     completion_id = "cmpl-" + new_id()[:24]
     created = int(time.time())
 
-    def prompt_tokens() -> int:  # counted when usage is written, not on the first token's path
-        return sum(counter.count(p) for p in req.prompts)
+    def usage(answers: list[str]) -> dict[str, int]:  # counted when written, not on the way
+        return call.usage(req.prompts, answers, chat_format=False)
 
     def echoed(index: int, text: str) -> str:
         return prompts[index] + text if req.echo else text
@@ -370,10 +432,10 @@ async def legacy_completions(service: Service, request: Request) -> Response:
         await call.collect()
         runners = call.runners
         choices = [(echoed(r.index, r.final_text), r.finish_reason or "stop") for r in runners]
-        usage = chat.usage(prompt_tokens(), sum(counter.count(r.final_text) for r in runners))
+        answered = usage([r.final_text for r in runners])
         call.done("answered")
-        return JSONResponse(
-            completions.text_completion(completion_id, created, req.model, choices, usage)
+        return AnswerJSON(
+            completions.text_completion(completion_id, created, req.model, choices, answered)
         )
 
     def chunk(index: int, text: str, finish: str | None = None) -> dict[str, Any]:
@@ -397,7 +459,6 @@ async def legacy_completions(service: Service, request: Request) -> Response:
             elif piece.text:
                 yield text_events[piece.index](piece.text)
         if sampling.include_usage:
-            usage = chat.usage(prompt_tokens(), sum(counter.count(r.text) for r in call.runners))
             yield sse(
                 {
                     "id": completion_id,
@@ -405,11 +466,11 @@ async def legacy_completions(service: Service, request: Request) -> Response:
                     "created": created,
                     "model": req.model,
                     "choices": [],
-                    "usage": usage,
+                    "usage": usage([r.text for r in call.runners]),
                 }
             )
         yield SSE_DONE
-        call.done("streamed")
+        call.done("streamed", [r.text for r in call.runners])
 
     return call.stream(request, body)
 
@@ -436,7 +497,7 @@ async def image_generations(service: Service, request: Request) -> Response:
     query = chat.to_query(
         chat.ChatRequest(req.model, req.bot, [message], sampling=sampling), new_id
     )
-    counter = TokenCounter(req.model)
+    counter = call.counter
     limits = runner_limits(service, req.bot)
     await call.start(
         [query] * req.n, lambda i, events: ReplyRunner(i, events, counter, **limits), False
@@ -467,7 +528,7 @@ async def image_generations(service: Service, request: Request) -> Response:
     for item in items:
         item["revised_prompt"] = req.prompt
     call.done("drew")
-    return JSONResponse(images.images_response(int(time.time()), items))
+    return AnswerJSON(images.images_response(int(time.time()), items))
 
 
 # --- the Responses API ---------------------------------------------------------------------------
@@ -491,7 +552,7 @@ async def responses_create(service: Service, request: Request) -> Response:
         service.settings.max_file_bytes,
     )
     call = Call(service, auth, req.model, req.bot, request)
-    counter = TokenCounter(req.model)
+    counter = call.counter
     try:
         query = await attach(service, req, chat.to_query(req, new_id), auth)
     except PoeError as e:
@@ -511,19 +572,22 @@ async def responses_create(service: Service, request: Request) -> Response:
 
     await call.start([query], make, req.stream)
 
-    def prompt_tokens() -> int:  # counted when usage is written, not on the first token's path
-        return counter.messages([m.content for m in query.query])
-
     builder = responses.ResponseBuilder(body, req.model, body.get("tools") or [])
 
     def feed(piece: Piece) -> list[dict[str, Any]]:
         events = builder.text(piece.text) + builder.tool_calls(piece.tool_calls)
         if piece.finish:
-            usage = chat.usage(prompt_tokens(), counter.count(call.runners[0].text))
+            # counted when written, not on the way
+            prompts = [m.content for m in query.query]
+            usage = call.usage(prompts, [call.runners[0].text], chat_format=True)
             events += builder.finish(piece.finish, usage)
             if builder.response["store"]:
-                service.responses.put(
-                    builder.response, [*conversation, builder.conversation_tail()]
+                call.safely(
+                    "storing the response",
+                    lambda: service.responses.put(
+                        builder.response, [*conversation, builder.conversation_tail()]
+                    ),
+                    lambda: None,
                 )
         return events
 
@@ -539,7 +603,7 @@ async def responses_create(service: Service, request: Request) -> Response:
         # Poe's final text (a stream can only give what it already sent; this need not)
         feed(Piece(0, call.runners[0].final_text, deltas, finish))
         call.done("answered")
-        return JSONResponse(builder.response)
+        return AnswerJSON(builder.response)
 
     async def events() -> AsyncIterator[bytes]:
         for event in builder.start():
@@ -554,7 +618,7 @@ async def responses_create(service: Service, request: Request) -> Response:
                 return
             for event in feed(piece):
                 yield responses.sse_event(event)
-        call.done("streamed")
+        call.done("streamed", [call.runners[0].text])
 
     return call.stream(request, events)
 

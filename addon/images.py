@@ -16,7 +16,9 @@ MAX_IMAGES = 10
 # Aspect ratios image bots commonly accept; a size maps to the closest one.
 ASPECTS = ("1:1", "16:9", "9:16", "4:3", "3:4", "3:2", "2:3", "21:9", "9:21")
 MARKDOWN_IMAGE = re.compile(r"!\[[^\]]*\]\(\s*<?([^)\s>]+)>?[^)]*\)")
-REFERENCE = re.compile(r"^\[[^\]]+\]:\s*(\S+)", re.M)
+# A reference definition's URL ends at white space, or where markdown glued onto it begins
+# (brackets, angle brackets, "![" of an image): "[r]: https://x/cat.png![cat][r]" is cat.png.
+REFERENCE = re.compile(r"^\[[^\]]+\]:[ \t]*<?((?:(?!!\[)[^\s<>\[\]])+)", re.M)
 
 
 @dataclass

@@ -691,8 +691,8 @@ class PoeOpenAI:
             parts.append(f"first event {info['first_event_ms']} ms")
         if "total_ms" in info:
             parts.append(f"total {info['total_ms']} ms")
-        if "tokens_est" in info:
-            parts.append(f"~{info['tokens_est']} tokens")
+        if "completion_tokens" in info:  # the usage's figure, when the client asked for usage
+            parts.append(f"{info['completion_tokens']} completion tokens")
         comment = " | ".join(parts)
         if info.get("error"):
             comment += f"\nerror: {info['error']}"

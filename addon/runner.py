@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -72,6 +73,7 @@ class ReplyRunner:
         self.cut = False  # a stop sequence or the token limit ended the answer early
         self.finish_reason: str | None = None
         self._pending: list[Piece] = []
+        self.first_event_at: float | None = None  # time.monotonic() of Poe's first event
 
     def _piece(self, text: str, deltas: list[dict[str, Any]]) -> Piece | None:
         if self.cut:
@@ -103,13 +105,23 @@ class ReplyRunner:
             raise PoeError(PoeFailure(self.bot, timeout=kind)) from None
 
     async def first(self) -> None:
-        """Wait for Poe's first event that says something: it decides the HTTP status."""
-        while (event := await self._next(first=True)) is not None:
-            if event.kind != "meta":
-                piece = self._feed(event)
-                if piece is not None:
-                    self._pending.append(piece)
+        """Wait for Poe's first event that says something: it decides the HTTP status.
+        Status text ("Thinking...") is held back, so it does not count: a bot that fails
+        after it still fails with a real HTTP status (a stream waits at most
+        poe_header_hold_s for this; see Call.start)."""
+        first = True
+        while (event := await self._next(first=first)) is not None:
+            if event.kind == "meta":
+                continue
+            if first:
+                self.first_event_at = time.monotonic()
+            first = False
+            piece = self._feed(event)
+            if piece is not None:
+                self._pending.append(piece)
                 return
+            if self.cut or len(self._text):
+                return  # the answer has begun (JSON mode sends its text at the end)
 
     async def pieces(self) -> AsyncIterator[Piece]:
         """The rest of the answer; the last piece carries ``finish``. Raises PoeError (after
@@ -126,7 +138,7 @@ class ReplyRunner:
                     if self.cut:
                         break  # stop or limit reached: drop the Poe query now
         except PoeError:
-            tail = self._finish_text()
+            tail = self._finish_text(failed=True)
             if tail:
                 yield Piece(self.index, tail)
             raise
@@ -135,7 +147,9 @@ class ReplyRunner:
         tail = self._finish_text()
         if self.json_mode and (self.text.strip() or not self.tool_calls):
             cleaned = clean_json(self.text)
-            if cleaned is None and not self.limit.reached:
+            # Text the client's own stop sequence or token limit cut short is what it asked
+            # for: only an answer the bot itself got wrong is refused (Poe was paid either way).
+            if cleaned is None and not self.limit.reached and not self.stop.stopped:
                 raise invalid_json(self.text)
             self.text = cleaned if cleaned is not None else self.text
             tail = self.text
@@ -148,8 +162,9 @@ class ReplyRunner:
         )
         yield Piece(self.index, tail, finish=self.finish_reason)
 
-    def _finish_text(self) -> str:
-        held = self.reply.finish() if not self.cut else ""
+    def _finish_text(self, failed: bool = False) -> str:
+        answer = self.reply.answer
+        held = "" if self.cut else answer.abandon() if failed else answer.finish()
         piece = self._piece(held, []) if held else None
         text = piece.text if piece else ""
         rest = self.limit.feed(self.stop.flush()) if not self.cut else ""

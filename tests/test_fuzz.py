@@ -10,7 +10,8 @@ and content types x raw bodies. The property checked for every answer (``check_a
 * no "Traceback" in the body;
 * a non-2xx body is JSON in OpenAI's error shape (``ErrorResponse``);
 * a 200 JSON body matches OpenAI's schema for its object, a 200 SSE body is ``data:`` lines
-  of JSON objects (chunks, Responses events or an ``error`` envelope) or ``[DONE]``.
+  of JSON objects (chunks, Responses events or an ``error`` envelope) or ``[DONE]``;
+* a 200 from Poe is never turned into a 5xx by the proxy (``check_poe_answer_kept``).
 
 Speed: 10,000 requests through a real mitmdump cannot be quick. mitmdump spends ~4 ms of CPU
 on a flow the addon refuses and ~12 ms on one that reaches the stand-in Poe; this process
@@ -65,6 +66,12 @@ JSON_BOT = "Fuzz-Json"  # answers JSON, so response_format json_object can succe
 ERROR_BOT = "Fuzz-Error"  # an in-band bot error: a 502 poe_error
 IMAGE_BOT = "Fuzz-Image"  # answers with a picture (a file event; its bytes on the CDN)
 GOOD_BOTS = (*OK_BOTS, ECHO_BOT)
+# Bots that answer every query with HTTP 200 and a whole answer: nothing the proxy does after
+# that (counting, rendering, storing) may make it a 5xx or a failed stream. Only an answer that
+# does not fit what the client asked may still be refused: not JSON (except from the bot that
+# answers JSON), no picture (except from the bot that draws).
+ANSWERING_BOTS = frozenset({*GOOD_BOTS, JSON_BOT, IMAGE_BOT})
+MISFIT_FROM = {"invalid_json_output": JSON_BOT, "no_image": IMAGE_BOT}
 
 HYPOTHESIS = settings(
     max_examples=-(-EXAMPLES // WORKERS),
@@ -759,6 +766,12 @@ SAMPLE_BODIES: list[dict[str, Any]] = [
         "stop": ["x"],
         "response_format": {"type": "json_object"},
     },
+    {  # the client's own stop sequence cuts the bot's valid JSON
+        "model": JSON_BOT,
+        "messages": [{"role": "user", "content": "json"}],
+        "response_format": {"type": "json_object"},
+        "stop": ["o"],
+    },
 ]
 
 # --- headers
@@ -856,6 +869,7 @@ HEADER_TARGETS: list[tuple[str, str, dict[str, Any] | None]] = [
     ("GET", "/v1/models", None),  # first: drawn most often, and cheap
     ("POST", "/v1/chat/completions", SAMPLE_BODIES[0]),
     ("POST", "/v1/chat/completions", SAMPLE_BODIES[1]),  # streamed
+    ("POST", "/v1/chat/completions", SAMPLE_BODIES[-1]),  # JSON cut by the client's stop
     ("POST", "/v1/responses", {"model": ECHO_BOT, "input": "hi"}),
     ("POST", "/v1/completions", {"model": OK_BOTS[1]}),
     ("POST", "/v1/chat/completions", None),
@@ -1312,6 +1326,28 @@ def check_sse(where: str, body: bytes) -> list[Any]:
     return events
 
 
+def check_poe_answer_kept(body: Any, r: httpx.Response, parsed: Any) -> None:
+    """A 200 from Poe is never turned into a 5xx (or a failed stream) by the proxy."""
+    model = body.get("model") if isinstance(body, dict) else None
+    if not isinstance(model, str) or model not in ANSWERING_BOTS:
+        return
+    where = f"{model} answered 200, yet the client got {r.status_code}"
+
+    def misfit(code: object) -> bool:
+        return isinstance(code, str) and code in MISFIT_FROM and MISFIT_FROM[code] != model
+
+    if r.status_code >= 500:
+        assert misfit(parsed["error"]["code"]), f"{where}: {parsed}"
+    for event in parsed if isinstance(parsed, list) else []:  # a stream
+        if _is_error(event):
+            code = event["error"].get("code")
+        elif isinstance(event, dict) and event.get("type") == "response.failed":
+            code = (event["response"].get("error") or {}).get("code")
+        else:
+            continue
+        assert misfit(code), f"{where} and a failed stream: {event}"
+
+
 def _finished(chunk: dict[str, Any]) -> dict[str, Any]:
     """A legacy completion chunk as its schema can take it: OpenAI streams these in the
     CreateCompletionResponse shape but with ``finish_reason: null`` until the last one, which
@@ -1362,6 +1398,7 @@ def fuzzer(proxy: Mitmdump, fake_poe: FakePoe) -> Iterator[Fuzzer]:
 def chat_body_answered(fuzzer: Fuzzer, body: Any) -> None:
     headers = [("content-type", "application/json")]
     r, parsed = fuzzer.send("POST", "/v1/chat/completions", _json(body), headers=headers)
+    check_poe_answer_kept(body, r, parsed)
     if r.status_code == 200:
         assert _kinds(parsed) <= {"chat.completion", "chat.completion.chunk"}, parsed
 
@@ -1369,6 +1406,7 @@ def chat_body_answered(fuzzer: Fuzzer, body: Any) -> None:
 def other_bodies_answered(fuzzer: Fuzzer, example: tuple[tuple[str, Any], Any]) -> None:
     (path, body), second = example
     r, parsed = fuzzer.send("POST", path, _json(body))
+    check_poe_answer_kept(body, r, parsed)
     if r.status_code != 200:
         return
     kinds = _kinds(parsed)
@@ -1401,7 +1439,8 @@ def headers_answered(fuzzer: Fuzzer, example: tuple[int, list[tuple[str, Any]], 
     index, headers, framing = example
     method, path, body = HEADER_TARGETS[index]
     content = None if body is None else _json(body)
-    fuzzer.send(method, path, content, headers=headers, chunked=framing == "chunked")
+    r, parsed = fuzzer.send(method, path, content, headers=headers, chunked=framing == "chunked")
+    check_poe_answer_kept(body, r, parsed)
 
 
 def route_answered(fuzzer: Fuzzer, example: tuple[str, str, str, bytes | None]) -> None:
@@ -1412,7 +1451,12 @@ def route_answered(fuzzer: Fuzzer, example: tuple[str, str, str, bytes | None]) 
 def raw_body_answered(fuzzer: Fuzzer, example: tuple[str, str | None, bytes, str]) -> None:
     path, content_type, body, framing = example
     headers = [] if content_type is None else [("content-type", content_type)]
-    fuzzer.send("POST", path, body, headers=headers, chunked=framing == "chunked")
+    r, parsed = fuzzer.send("POST", path, body, headers=headers, chunked=framing == "chunked")
+    try:
+        sent = json.loads(body)
+    except (ValueError, RecursionError):  # not JSON, or nested too deep for json.loads
+        sent = None
+    check_poe_answer_kept(sent, r, parsed)
 
 
 COMPLETIONS_RESPONSES_OR_IMAGES = st.tuples(
