@@ -271,6 +271,7 @@ async def chat_completions(service: Service, request: Request) -> Response:
             stop=sampling.stop,
             max_tokens=sampling.max_tokens,
             json_mode=req.json_mode,
+            json_schema=req.json_schema,
             **runner_limits(service, req.bot),
         )
 
@@ -503,6 +504,7 @@ async def responses_create(service: Service, request: Request) -> Response:
             stop=req.sampling.stop,
             max_tokens=req.sampling.max_tokens,
             json_mode=req.json_mode,
+            json_schema=req.json_schema,
             **runner_limits(service, req.bot),
         )
 

@@ -53,6 +53,7 @@ class ReplyRunner:
         stop: list[str] | None = None,
         max_tokens: int | None = None,
         json_mode: bool = False,
+        json_schema: dict[str, Any] | None = None,
         timeouts: Timeouts | None = None,
         bot: str = "",
     ) -> None:
@@ -68,6 +69,7 @@ class ReplyRunner:
         self.stop = StopFilter(stop or [])
         self.limit = TokenLimit(counter, max_tokens)
         self.json_mode = json_mode
+        self.json_schema = json_schema
         self._text = TextBuffer()  # what the client has been given
         self.cut = False  # a stop sequence or the token limit ended the answer early
         self.finish_reason: str | None = None
@@ -134,7 +136,7 @@ class ReplyRunner:
             await self.aclose()
         tail = self._finish_text()
         if self.json_mode and (self.text.strip() or not self.tool_calls):
-            cleaned = clean_json(self.text)
+            cleaned = clean_json(self.text, self.json_schema)
             if cleaned is None and not self.limit.reached:
                 raise invalid_json(self.text)
             self.text = cleaned if cleaned is not None else self.text
