@@ -8,15 +8,62 @@ from collections.abc import Iterator
 import pytest
 from fake_poe import FakePoe
 from harness import Mitmdump
+from poe_reference import PoeReference
 
 POE_KEY = "poe-test-key"
 ACCESS_TOKEN = "client-token-1"
 
 
+# The stand-in Poe servers, by the parameter of the fake_poe fixture. FakePoe's is None, the
+# cache key of an unparametrized fixture: tests that run against FakePoe only share its server
+# (and the proxies on it) with the FakePoe half of the parametrized ones.
+STAND_INS: dict[str | None, type[FakePoe]] = {None: FakePoe, "poe_reference": PoeReference}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    for line in (
+        "both_stand_ins: run the module's tests against FakePoe and PoeReference (fastapi-poe's"
+        " own bot server)",
+        "fake_poe_only(reason): in a both_stand_ins module, a test that needs FakePoe's fault"
+        " injection",
+        "reference_xfail(reason): the PoeReference run is expected to fail (strict)",
+    ):
+        config.addinivalue_line("markers", line)
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "fake_poe" in metafunc.fixturenames and metafunc.definition.get_closest_marker(
+        "both_stand_ins"
+    ):
+        params = [pytest.param(key, id=key or "fake_poe") for key in STAND_INS]
+        metafunc.parametrize("fake_poe", params, indirect=True, scope="session")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Marks (on a test or on one of its parameters) that concern the PoeReference run."""
+    kept, dropped = [], []
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        if callspec is None or callspec.params.get("fake_poe", None) is None:
+            kept.append(item)
+        elif item.get_closest_marker("fake_poe_only"):
+            dropped.append(item)  # a combination that does not exist, not a skipped test
+        else:
+            xfail = item.get_closest_marker("reference_xfail")
+            if xfail:
+                item.add_marker(pytest.mark.xfail(strict=True, **xfail.kwargs))
+            kept.append(item)
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = kept
+
+
 @pytest.fixture(scope="session")
-def fake_poe() -> Iterator[FakePoe]:
-    """A running FakePoe shared by all tests (use distinct bot names, see `bot`)."""
-    with FakePoe(api_keys=(POE_KEY, "poe-second-key")) as fake:
+def fake_poe(request: pytest.FixtureRequest) -> Iterator[FakePoe]:
+    """A running stand-in Poe server shared by all tests (use distinct bot names, see `bot`):
+    FakePoe, or in both_stand_ins modules also PoeReference (with its own proxies)."""
+    stand_in = STAND_INS[getattr(request, "param", None)]
+    with stand_in(api_keys=(POE_KEY, "poe-second-key")) as fake:
         yield fake
 
 

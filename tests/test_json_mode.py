@@ -18,6 +18,8 @@ from harness import Mitmdump
 
 from addon.limits import MAX_JSON_TRIES, clean_json
 
+pytestmark = pytest.mark.both_stand_ins  # FakePoe and fastapi-poe's own bot server
+
 CITY = {
     "type": "object",
     "properties": {"city": {"type": "string"}},
