@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import uuid
 from collections.abc import Iterator
 
@@ -27,32 +28,41 @@ def pytest_configure(config: pytest.Config) -> None:
         "fake_poe_only(reason): in a both_stand_ins module, a test that needs FakePoe's fault"
         " injection",
         "reference_xfail(reason): the PoeReference run is expected to fail (strict)",
+        "poe_reference_only(reason): in a both_stand_ins module, a test of what only"
+        " fastapi-poe's bot server does",
     ):
         config.addinivalue_line("markers", line)
+    # fastapi-poe's make_app still calls pydantic's parse_obj: its noise, not ours.
+    config.addinivalue_line(
+        "filterwarnings", "ignore:The `parse_obj` method is deprecated:DeprecationWarning"
+    )
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    if "fake_poe" in metafunc.fixturenames and metafunc.definition.get_closest_marker(
-        "both_stand_ins"
-    ):
+    # Tests that script a bot (they take `fake_poe` or `bot`): the others never ask Poe.
+    asks_poe = {"fake_poe", "bot"} & set(inspect.signature(metafunc.function).parameters)
+    if asks_poe and metafunc.definition.get_closest_marker("both_stand_ins"):
         params = [pytest.param(key, id=key or "fake_poe") for key in STAND_INS]
         metafunc.parametrize("fake_poe", params, indirect=True, scope="session")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Marks (on a test or on one of its parameters) that concern the PoeReference run."""
+    """Marks (on a test or on one of its parameters) that say which stand-in a test is for.
+    A combination they rule out is deselected: it does not exist, it is not a skipped test."""
     kept, dropped = [], []
     for item in items:
-        callspec = getattr(item, "callspec", None)
-        if callspec is None or callspec.params.get("fake_poe", None) is None:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        if "fake_poe" not in params:
             kept.append(item)
-        elif item.get_closest_marker("fake_poe_only"):
-            dropped.append(item)  # a combination that does not exist, not a skipped test
-        else:
-            xfail = item.get_closest_marker("reference_xfail")
-            if xfail:
-                item.add_marker(pytest.mark.xfail(strict=True, **xfail.kwargs))
-            kept.append(item)
+            continue
+        only = "poe_reference_only" if params["fake_poe"] is None else "fake_poe_only"
+        if item.get_closest_marker(only):
+            dropped.append(item)
+            continue
+        xfail = item.get_closest_marker("reference_xfail")
+        if xfail and params["fake_poe"] is not None:
+            item.add_marker(pytest.mark.xfail(strict=True, **xfail.kwargs))
+        kept.append(item)
     if dropped:
         config.hook.pytest_deselected(items=dropped)
         items[:] = kept

@@ -71,7 +71,7 @@ from fastapi_poe import (
     QueryRequest,
     make_app,
 )
-from fastapi_poe.types import RequestContext
+from fastapi_poe.types import ReportErrorRequest, RequestContext
 from sse_starlette.event import ServerSentEvent
 from sse_starlette.sse import EventSourceResponse
 from starlette.applications import Starlette
@@ -148,6 +148,13 @@ class ScriptedBot(PoeBot):
         # Show the bot the query as it arrived (the default would add attachment messages).
         self.should_insert_attachment_messages = False
         self.__post_init__()
+
+    async def on_error(self, error_request: ReportErrorRequest) -> None:
+        """fastapi-poe's client reports what it could not use (an unknown event, no text)."""
+        report = error_request.model_dump(mode="json")
+        with self.stand_in._lock:
+            self.stand_in.reports.append(report)
+            self.stand_in._report_bots.append(self.name)
 
     async def get_response_with_context(
         self, request: QueryRequest, context: RequestContext
