@@ -5,6 +5,7 @@ library parsed it. Most run against both stand-ins (same script, two serialisati
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 import time
@@ -23,6 +24,9 @@ pytestmark = pytest.mark.both_stand_ins
 USER = [{"role": "user", "content": "hi"}]
 REFERENCE_ONLY = pytest.mark.poe_reference_only(reason="a bot only PoeReference has")
 H1 = "fixed on branch h1-answer"
+PNG = base64.b64decode(
+    "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg=="
+)
 
 
 def answer(proxy: Mitmdump, bot: str, stream: bool, **kwargs: Any) -> str:
@@ -75,6 +79,51 @@ def test_an_inline_attachment_shows_where_the_text_refers_to_it(
     got = answer(proxy, bot, stream)
     assert markdown_images(got) == [url], got
     assert "See " in got
+
+
+@pytest.mark.xfail(
+    strict=True, reason="answer.py (H1's module): a replacement after a file drops the file"
+)
+@pytest.mark.parametrize("inline_ref", [None, "img"])
+def test_a_replacement_after_a_file_keeps_the_file(
+    proxy: Mitmdump, fake_poe: FakePoe, bot: str, inline_ref: str | None
+) -> None:
+    url = "https://poe.test/out.png"
+    final = "Here it is: ![out][img]" if inline_ref else "Here it is."
+    fake_poe.script(
+        bot,
+        [
+            replace("Generating..."),
+            file(url, "image/png", "out.png", inline_ref=inline_ref),
+            replace(final),
+        ],
+    )
+    assert markdown_images(answer(proxy, bot, stream=False)) == [url]
+
+
+@pytest.mark.parametrize("response_format", ["url", "b64_json"])
+def test_an_image_bot_that_shows_its_image_inline(
+    proxy: Mitmdump, fake_poe: FakePoe, bot: str, response_format: str
+) -> None:
+    url = fake_poe.host_file(f"{bot}.png", PNG, "image/png")
+    fake_poe.script(
+        bot,
+        [
+            replace("Generating..."),
+            file(url, "image/png", "out.png", inline_ref="img"),
+            replace("Here it is: ![out][img]"),
+        ],
+    )
+    result = proxy.reverse_client().images.generate(
+        model=bot,
+        prompt="a cat",
+        response_format=response_format,  # type: ignore[arg-type]
+    )
+    assert result.data is not None and len(result.data) == 1
+    if response_format == "url":
+        assert result.data[0].url == url
+    else:
+        assert base64.b64decode(result.data[0].b64_json or "") == PNG
 
 
 # --- events the proxy has no use for --------------------------------------------------------------
