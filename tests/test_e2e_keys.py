@@ -15,7 +15,7 @@ from harness import Mitmdump
 
 from addon.config import fingerprint
 
-# Failover and timeouts run against FakePoe and fastapi-poe's own bot server (its pings).
+# The timeouts run against FakePoe and fastapi-poe's own bot server (which pings meanwhile).
 BOTH_STAND_INS = pytest.mark.both_stand_ins
 HTTP_ERROR_ONLY_IN_FAKE_POE = pytest.mark.fake_poe_only(
     reason="http_error(): fastapi-poe's bot server always answers with an event stream"
@@ -29,7 +29,6 @@ def keyed(fake: FakePoe, keys: str, **extra: str) -> Mitmdump:
     return Mitmdump(options=poe_options(fake, poe_api_key=keys, **extra), regular=False)
 
 
-@BOTH_STAND_INS
 @pytest.mark.parametrize(
     ("failure", "why", "rested"),
     [
