@@ -16,7 +16,9 @@ import pytest
 from fake_poe import FakePoe, text
 from harness import Mitmdump
 
+from addon import chat
 from addon.limits import MAX_JSON_TRIES, clean_json
+from addon.mappings import ModelMap
 
 pytestmark = pytest.mark.both_stand_ins  # FakePoe and fastapi-poe's own bot server
 
@@ -90,6 +92,24 @@ def test_a_whole_answer_that_is_json_stays_as_written_without_a_schema() -> None
 def test_nothing_to_validate_against_is_no_veto() -> None:
     remote = {"$ref": "https://example.invalid/schema.json"}
     assert clean_json('x {"a": 1}', remote) == '{"a": 1}'
+
+
+def test_a_schema_that_refers_to_itself_is_no_veto() -> None:
+    looping = {"$defs": {"a": {"$ref": "#/$defs/a"}}, "$ref": "#/$defs/a"}
+    assert clean_json('Sure [1]: {"a": 1}', looping) == "[1]"  # could not be checked: first value
+
+
+def test_an_empty_schema_asks_for_an_object_as_json_object_does() -> None:
+    def schema_of(json_schema: dict[str, Any]) -> dict[str, Any] | None:
+        body = {
+            "model": "gpt-4o",
+            "messages": USER,
+            "response_format": {"type": "json_schema", "json_schema": json_schema},
+        }
+        return chat.parse_chat_request(body, ModelMap({"gpt-4o": "GPT-4o"})).json_schema
+
+    assert schema_of({"name": "any"}) is None and schema_of({"name": "e", "schema": {}}) is None
+    assert schema_of({"name": "c", "schema": CITY}) == CITY
 
 
 def test_brackets_cannot_hold_the_event_loop() -> None:
