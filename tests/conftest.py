@@ -23,11 +23,10 @@ STAND_INS: dict[str | None, type[FakePoe]] = {None: FakePoe, "poe_reference": Po
 
 def pytest_configure(config: pytest.Config) -> None:
     for line in (
-        "both_stand_ins: run the module's tests against FakePoe and PoeReference (fastapi-poe's"
-        " own bot server)",
+        "both_stand_ins: tests (of a module, or one) that ask Poe run against FakePoe and"
+        " PoeReference (fastapi-poe's own bot server)",
         "fake_poe_only(reason): in a both_stand_ins module, a test that needs FakePoe's fault"
         " injection",
-        "reference_xfail(reason): the PoeReference run is expected to fail (strict)",
         "poe_reference_only(reason): in a both_stand_ins module, a test of what only"
         " fastapi-poe's bot server does",
     ):
@@ -52,16 +51,11 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     kept, dropped = [], []
     for item in items:
         params = getattr(getattr(item, "callspec", None), "params", {})
-        if "fake_poe" not in params:
-            kept.append(item)
-            continue
-        only = "poe_reference_only" if params["fake_poe"] is None else "fake_poe_only"
-        if item.get_closest_marker(only):
-            dropped.append(item)
-            continue
-        xfail = item.get_closest_marker("reference_xfail")
-        if xfail and params["fake_poe"] is not None:
-            item.add_marker(pytest.mark.xfail(strict=True, **xfail.kwargs))
+        if "fake_poe" in params:
+            only = "poe_reference_only" if params["fake_poe"] is None else "fake_poe_only"
+            if item.get_closest_marker(only):
+                dropped.append(item)
+                continue
         kept.append(item)
     if dropped:
         config.hook.pytest_deselected(items=dropped)

@@ -81,7 +81,15 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-__all__ = ["PING_SECONDS", "CannotPlay", "Fail", "ParsedQuery", "PoeReference", "fail"]
+__all__ = [
+    "PING_SECONDS",
+    "CannotPlay",
+    "Fail",
+    "ParsedQuery",
+    "PoeReference",
+    "fail",
+    "parsed_query",
+]
 
 PING_SECONDS = 0.2  # sse-starlette's default is 15 s: short, so that tests see pings
 
@@ -130,7 +138,8 @@ def _check(steps: Iterable[Any]) -> list[Any]:
             if isinstance(step, kind):
                 raise CannotPlay(
                     f"fastapi-poe's bot server cannot send {name} (it always answers with an "
-                    "event stream that ends with done): run this test against FakePoe only"
+                    "event stream that ends with done): mark the test "
+                    '@pytest.mark.fake_poe_only(reason="...")'
                 )
         if not isinstance(step, Event | Sleep | Echo | Fail | ParsedQuery):
             raise TypeError(f"not a step: {step!r}")

@@ -283,8 +283,11 @@ def test_the_reference_sends_the_librarys_serialisation() -> None:
             assert r.status_code == 200 and r.headers["x-accel-buffering"] == "no"
             assert r.text.startswith(": ping") and "\r\n\r\nevent: text\r\n" in r.text
             assert r.text.endswith("event: done\r\ndata: {}\r\n\r\n")
-            wrong = http.post(ref.base_url + "Pinger", json=body, headers={"authorization": "x"})
-            assert wrong.status_code in (401, 403)
+            wrong = http.post(
+                ref.base_url + "Pinger", json=body, headers={"authorization": "Bearer wrong"}
+            )
+            assert wrong.status_code == 401 and wrong.json() == {"detail": "Invalid access key"}
+            assert wrong.headers["www-authenticate"] == "Bearer"
             unknown = http.post(
                 ref.base_url + "Nobody", json=body, headers={"authorization": f"Bearer {POE_KEY}"}
             )
