@@ -22,7 +22,7 @@ from addon.answer import AnswerStream
 from addon.bounds import check_bounds
 from addon.errors import OpenAIError, bad_request, not_found
 from addon.files import FileInput, file_part, image_part
-from addon.limits import json_instruction
+from addon.limits import check_json_schema, json_instruction
 from addon.mappings import BOT_NAME, ModelMap
 from addon.tools import (
     ToolCallAssembler,
@@ -59,6 +59,7 @@ class ChatRequest:
     parallel_tool_calls: bool = True
     sampling: Sampling = field(default_factory=lambda: Sampling())
     json_mode: bool = False
+    json_schema: dict[str, Any] | None = None  # the answer must validate (json_schema mode)
 
     # Shortcuts used all over.
     @property
@@ -316,6 +317,7 @@ def parse_chat_request(
             "response_format must be {'type': 'text' | 'json_object' | 'json_schema'}.",
             "response_format",
         )
+    json_schema = _json_schema(response_format)
     instruction = json_instruction(response_format)
     if instruction:
         shift = 0 if messages and messages[0].role == "system" else 1
@@ -332,7 +334,20 @@ def parse_chat_request(
         parallel_tool_calls=parallel is not False,
         sampling=sampling,
         json_mode=instruction is not None,
+        json_schema=json_schema,
     )
+
+
+def _json_schema(response_format: dict[str, Any] | None) -> dict[str, Any] | None:
+    """response_format's schema, checked before any key is spent on an answer it would veto."""
+    if response_format is None or response_format.get("type") != "json_schema":
+        return None
+    spec = response_format.get("json_schema")
+    schema = spec.get("schema", {}) if isinstance(spec, dict) else {}
+    problem = check_json_schema(schema)
+    if problem:
+        raise bad_request(f"response_format.json_schema.schema {problem}.", "response_format")
+    return dict(schema) or None  # {} allows anything: the same as json_object
 
 
 def parse_parameters(value: object) -> dict[str, Any]:

@@ -334,6 +334,7 @@ async def chat_completions(service: Service, request: Request) -> Response:
             stop=sampling.stop,
             max_tokens=sampling.max_tokens,
             json_mode=req.json_mode,
+            json_schema=req.json_schema,
             **runner_limits(service, req.bot),
         )
 
@@ -505,14 +506,12 @@ async def image_generations(service: Service, request: Request) -> Response:
     await call.collect()
     items: list[dict[str, str]] = []
     for runner in call.runners:
+        files = [
+            f.url for f in runner.reply.answer.files if (f.content_type or "").startswith("image/")
+        ]
         if req.response_format == "b64_json":
             # Only files Poe itself returned are fetched, never a link found in the bot's
             # text (which a prompt could point anywhere).
-            files = [
-                f.url
-                for f in runner.reply.answer.files
-                if (f.content_type or "").startswith("image/")
-            ]
             if not files:
                 raise no_image(req.bot, runner.final_text)
             try:
@@ -521,7 +520,8 @@ async def image_generations(service: Service, request: Request) -> Response:
                 raise call.failure(e, "fetching the image") from None
             items.append({"b64_json": base64.b64encode(data).decode()})
         else:
-            urls = images.image_urls(runner.final_text)
+            # The files first: a replacement after an inline image drops its link from the text.
+            urls = files or images.image_urls(runner.final_text)
             if not urls:
                 raise no_image(req.bot, runner.final_text)
             items.append({"url": urls[0]})
@@ -567,6 +567,7 @@ async def responses_create(service: Service, request: Request) -> Response:
             stop=req.sampling.stop,
             max_tokens=req.sampling.max_tokens,
             json_mode=req.json_mode,
+            json_schema=req.json_schema,
             **runner_limits(service, req.bot),
         )
 

@@ -8,7 +8,11 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from typing import Any
+
+import jsonschema
+import referencing.exceptions
 
 from addon.textbuffer import TextBuffer
 from addon.tokens import TokenCounter
@@ -82,6 +86,10 @@ class TokenLimit:
         return str(self._sent)
 
 
+# Each start tried costs a parse up to where it fails (deeply nested openers nest the parser)
+# and a schema check: bounded so that an answer made of brackets cannot hold the event loop.
+MAX_JSON_TRIES = 256
+_DECODER = json.JSONDecoder()
 FENCE = re.compile(r"^\s*```[\w-]*\s*\n(.*?)\n?```\s*$", re.S)
 
 
@@ -104,22 +112,67 @@ def json_instruction(response_format: Any) -> str | None:
     return None
 
 
-def clean_json(text: str) -> str | None:
-    """The answer as JSON text (code fences removed), or None when it does not parse."""
+def clean_json(text: str, schema: dict[str, Any] | None = None) -> str | None:
+    """The JSON value the answer contains, as the bot wrote it, or None when there is none.
+
+    Found by parsing, not by cutting between brackets (prose such as ``Sure [1]: {...}`` has
+    brackets too): the whole answer if it is one fitting JSON value, else the first position
+    from which a complete value decodes that fits. Fitting means valid against ``schema``
+    (response_format json_schema) or, without one (json_object), a JSON object. Code fences
+    need no special case: the value inside them is found like any other.
+    """
     candidate = text.strip()
     match = FENCE.match(candidate)
     if match:
         candidate = match.group(1).strip()
+    fits = _fits_schema(schema) if schema is not None else _is_object
     try:
-        json.loads(candidate)
-    except ValueError:
-        start = min((i for i in (candidate.find("{"), candidate.find("[")) if i >= 0), default=-1)
-        end = max(candidate.rfind("}"), candidate.rfind("]"))
-        if start < 0 or end <= start:
-            return None
+        if fits(json.loads(candidate)) or schema is None:
+            # Without a schema a whole answer that is JSON stays what the bot said.
+            return candidate
+    except (ValueError, RecursionError):
+        pass
+    opener = re.compile(r"[{\[]" if schema is not None else r"\{")
+    position = 0
+    for _ in range(MAX_JSON_TRIES):
+        found = opener.search(text, position)
+        if found is None:
+            break
         try:
-            json.loads(candidate[start : end + 1])
-        except ValueError:
-            return None
-        return candidate[start : end + 1]
-    return candidate
+            value, end = _DECODER.raw_decode(text, found.start())
+        except (ValueError, RecursionError):
+            position = found.start() + 1
+            continue
+        if fits(value):
+            return text[found.start() : end]
+        position = end  # a whole value that does not fit; what it contains is no answer
+    return None
+
+
+def _is_object(value: Any) -> bool:
+    return isinstance(value, dict)
+
+
+def _fits_schema(schema: dict[str, Any]) -> Callable[[Any], bool]:
+    validator = jsonschema.validators.validator_for(schema)(schema)
+
+    def fits(value: Any) -> bool:
+        try:
+            return bool(validator.is_valid(value))
+        except referencing.exceptions.Unresolvable:
+            return True  # a $ref to elsewhere: never fetched, so the schema cannot be checked
+        except Exception:  # defensive: check_json_schema already refused what we know fails
+            return True  # the answer is paid for: a schema we cannot apply is no veto
+
+    return fits
+
+
+def check_json_schema(schema: Any) -> str | None:
+    """Why ``schema`` (response_format json_schema) is no usable JSON Schema, or None."""
+    if not isinstance(schema, dict):
+        return "must be a JSON Schema object"
+    try:
+        jsonschema.validators.validator_for(schema).check_schema(schema)
+    except jsonschema.exceptions.SchemaError as e:
+        return f"is not a valid JSON Schema: {e.message}"
+    return None

@@ -54,6 +54,7 @@ class ReplyRunner:
         stop: list[str] | None = None,
         max_tokens: int | None = None,
         json_mode: bool = False,
+        json_schema: dict[str, Any] | None = None,
         timeouts: Timeouts | None = None,
         bot: str = "",
     ) -> None:
@@ -69,6 +70,7 @@ class ReplyRunner:
         self.stop = StopFilter(stop or [])
         self.limit = TokenLimit(counter, max_tokens)
         self.json_mode = json_mode
+        self.json_schema = json_schema
         self._text = TextBuffer()  # what the client has been given
         self.cut = False  # a stop sequence or the token limit ended the answer early
         self.finish_reason: str | None = None
@@ -146,7 +148,7 @@ class ReplyRunner:
             await self.aclose()
         tail = self._finish_text()
         if self.json_mode and (self.text.strip() or not self.tool_calls):
-            cleaned = clean_json(self.text)
+            cleaned = clean_json(self.text, self.json_schema)
             # Text the client's own stop sequence or token limit cut short is what it asked
             # for: only an answer the bot itself got wrong is refused (Poe was paid either way).
             if cleaned is None and not self.limit.reached and not self.stop.stopped:

@@ -2,21 +2,72 @@
 
 from __future__ import annotations
 
+import inspect
 import uuid
 from collections.abc import Iterator
 
 import pytest
 from fake_poe import FakePoe
 from harness import Mitmdump
+from poe_reference import PoeReference
 
 POE_KEY = "poe-test-key"
 ACCESS_TOKEN = "client-token-1"
 
 
+# The stand-in Poe servers, by the parameter of the fake_poe fixture. FakePoe's is None, the
+# cache key of an unparametrized fixture: tests that run against FakePoe only share its server
+# (and the proxies on it) with the FakePoe half of the parametrized ones.
+STAND_INS: dict[str | None, type[FakePoe]] = {None: FakePoe, "poe_reference": PoeReference}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    for line in (
+        "both_stand_ins: tests (of a module, or one) that ask Poe run against FakePoe and"
+        " PoeReference (fastapi-poe's own bot server)",
+        "fake_poe_only(reason): in a both_stand_ins module, a test that needs FakePoe's fault"
+        " injection",
+        "poe_reference_only(reason): in a both_stand_ins module, a test of what only"
+        " fastapi-poe's bot server does",
+    ):
+        config.addinivalue_line("markers", line)
+    # fastapi-poe's make_app still calls pydantic's parse_obj: its noise, not ours.
+    config.addinivalue_line(
+        "filterwarnings", "ignore:The `parse_obj` method is deprecated:DeprecationWarning"
+    )
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    # Tests that script a bot (they take `fake_poe` or `bot`): the others never ask Poe.
+    asks_poe = {"fake_poe", "bot"} & set(inspect.signature(metafunc.function).parameters)
+    if asks_poe and metafunc.definition.get_closest_marker("both_stand_ins"):
+        params = [pytest.param(key, id=key or "fake_poe") for key in STAND_INS]
+        metafunc.parametrize("fake_poe", params, indirect=True, scope="session")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Marks (on a test or on one of its parameters) that say which stand-in a test is for.
+    A combination they rule out is deselected: it does not exist, it is not a skipped test."""
+    kept, dropped = [], []
+    for item in items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        if "fake_poe" in params:
+            only = "poe_reference_only" if params["fake_poe"] is None else "fake_poe_only"
+            if item.get_closest_marker(only):
+                dropped.append(item)
+                continue
+        kept.append(item)
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = kept
+
+
 @pytest.fixture(scope="session")
-def fake_poe() -> Iterator[FakePoe]:
-    """A running FakePoe shared by all tests (use distinct bot names, see `bot`)."""
-    with FakePoe(api_keys=(POE_KEY, "poe-second-key")) as fake:
+def fake_poe(request: pytest.FixtureRequest) -> Iterator[FakePoe]:
+    """A running stand-in Poe server shared by all tests (use distinct bot names, see `bot`):
+    FakePoe, or in both_stand_ins modules also PoeReference (with its own proxies)."""
+    stand_in = STAND_INS[getattr(request, "param", None)]
+    with stand_in(api_keys=(POE_KEY, "poe-second-key")) as fake:
         yield fake
 
 

@@ -26,6 +26,11 @@ from fake_poe import (
 from harness import Mitmdump
 from openapi_schema import validate
 
+pytestmark = pytest.mark.both_stand_ins  # FakePoe and fastapi-poe's own bot server
+HTTP_ERROR_ONLY_IN_FAKE_POE = pytest.mark.fake_poe_only(
+    reason="http_error(): fastapi-poe's bot server always answers with an event stream"
+)
+
 USER = [{"role": "user", "content": "hi"}]
 
 
@@ -290,6 +295,7 @@ def test_other_paths_are_openai_404s_never_forwarded(proxy: Mitmdump) -> None:
         validate(r.json(), "ErrorResponse")
 
 
+@pytest.mark.fake_poe_only(reason="any host will do: FakePoe answers any bot path")
 def test_other_hosts_pass_through_untouched(proxy: Mitmdump, fake_poe: FakePoe) -> None:
     # The stand-in is just some other HTTP server here: its answer must come back as it is.
     with httpx.Client(proxy=proxy.proxy_url, trust_env=False) as http:
@@ -332,12 +338,13 @@ def test_unknown_bot_is_404_model_not_found(proxy: Mitmdump, bot: str) -> None:
 @pytest.mark.parametrize(
     ("script", "exc", "status", "code", "no_retry"),
     [
-        (
+        pytest.param(
             [("http", 429, {"detail": "slow down"}, {"Retry-After": "7"})],
             openai.RateLimitError,
             429,
             "rate_limit_exceeded",
             False,
+            marks=HTTP_ERROR_ONLY_IN_FAKE_POE,
         ),
         (
             [error("You have exceeded rate limit for this bot. Please try again later.")],
@@ -346,12 +353,13 @@ def test_unknown_bot_is_404_model_not_found(proxy: Mitmdump, bot: str) -> None:
             "rate_limit_exceeded",
             False,
         ),
-        (
+        pytest.param(
             [("http", 402, {"detail": "no points"}, None)],
             openai.RateLimitError,
             429,
             "insufficient_quota",
             True,
+            marks=HTTP_ERROR_ONLY_IN_FAKE_POE,
         ),
         (
             [error("You have run out of points", error_type="insufficient_fund")],
@@ -360,8 +368,22 @@ def test_unknown_bot_is_404_model_not_found(proxy: Mitmdump, bot: str) -> None:
             "insufficient_quota",
             True,
         ),
-        ([("http", 500, {"detail": "boom"}, None)], openai.APIStatusError, 502, "poe_error", False),
-        ([("http", 503, "unavailable", None)], openai.APIStatusError, 502, "poe_error", False),
+        pytest.param(
+            [("http", 500, {"detail": "boom"}, None)],
+            openai.APIStatusError,
+            502,
+            "poe_error",
+            False,
+            marks=HTTP_ERROR_ONLY_IN_FAKE_POE,
+        ),
+        pytest.param(
+            [("http", 503, "unavailable", None)],
+            openai.APIStatusError,
+            502,
+            "poe_error",
+            False,
+            marks=HTTP_ERROR_ONLY_IN_FAKE_POE,
+        ),
         (
             [error("Internal server error", allow_retry=True)],
             openai.APIStatusError,
@@ -437,6 +459,7 @@ def test_failure_after_streaming_began_is_an_error_event(
     assert "Internal server error" in info.value.message
 
 
+@pytest.mark.fake_poe_only(reason="cut(): a connection dropped mid-stream")
 def test_cut_connection_mid_stream_never_duplicates(
     proxy: Mitmdump, fake_poe: FakePoe, bot: str
 ) -> None:
@@ -451,6 +474,7 @@ def test_cut_connection_mid_stream_never_duplicates(
     assert len(fake_poe.requests_for(bot)) == 1  # fastapi-poe's retry would resend it
 
 
+@pytest.mark.fake_poe_only(reason="cut(): a connection dropped mid-stream")
 def test_cut_connection_without_stream_is_502(proxy: Mitmdump, fake_poe: FakePoe, bot: str) -> None:
     fake_poe.script(bot, [text("first part "), cut()])
     with pytest.raises(openai.APIStatusError) as info:

@@ -15,6 +15,12 @@ from harness import Mitmdump
 
 from addon.config import fingerprint
 
+# The timeouts run against FakePoe and fastapi-poe's own bot server (which pings meanwhile).
+BOTH_STAND_INS = pytest.mark.both_stand_ins
+HTTP_ERROR_ONLY_IN_FAKE_POE = pytest.mark.fake_poe_only(
+    reason="http_error(): fastapi-poe's bot server always answers with an event stream"
+)
+
 USER = [{"role": "user", "content": "hi"}]
 SECOND = "poe-second-key"
 
@@ -26,9 +32,24 @@ def keyed(fake: FakePoe, keys: str, **extra: str) -> Mitmdump:
 @pytest.mark.parametrize(
     ("failure", "why", "rested"),
     [
-        (http_error(429, {"detail": "slow down"}, {"Retry-After": "30"}), "rate-limited", True),
-        (http_error(402, {"detail": "no points"}), "out of points", True),
-        (http_error(401, {"detail": "bad key"}), "rejected", True),
+        pytest.param(
+            http_error(429, {"detail": "slow down"}, {"Retry-After": "30"}),
+            "rate-limited",
+            True,
+            marks=HTTP_ERROR_ONLY_IN_FAKE_POE,
+        ),
+        pytest.param(
+            http_error(402, {"detail": "no points"}),
+            "out of points",
+            True,
+            marks=HTTP_ERROR_ONLY_IN_FAKE_POE,
+        ),
+        pytest.param(
+            http_error(401, {"detail": "bad key"}),
+            "rejected",
+            True,
+            marks=HTTP_ERROR_ONLY_IN_FAKE_POE,
+        ),
         # In-band, these may concern one bot only: fail over, but do not bench the key.
         (error("out of points", error_type="insufficient_fund"), "insufficient_quota", False),
         (error("You have exceeded rate limit for this bot."), "rate_limit_exceeded", False),
@@ -115,6 +136,7 @@ def client_for(m: Mitmdump) -> openai.OpenAI:
     return m.reverse_client(api_key=POE_KEY)
 
 
+@BOTH_STAND_INS
 def test_first_event_timeout_before_headers_is_504(
     slow_proxy: Mitmdump, fake_poe: FakePoe, bot: str
 ) -> None:
@@ -125,6 +147,7 @@ def test_first_event_timeout_before_headers_is_504(
     assert fake_poe.wait_for(lambda: fake_poe.requests_for(bot)[0].disconnected is not None)
 
 
+@BOTH_STAND_INS
 def test_header_hold_then_keepalives_then_answer(
     slow_proxy: Mitmdump, fake_poe: FakePoe, bot: str
 ) -> None:
@@ -149,6 +172,7 @@ def test_header_hold_then_keepalives_then_answer(
     assert '"content":"worth the wait"' in body and body.endswith("data: [DONE]\n\n")
 
 
+@BOTH_STAND_INS
 def test_idle_timeout_after_streaming_began_is_an_error_event(
     slow_proxy: Mitmdump, fake_poe: FakePoe, bot: str
 ) -> None:
@@ -162,6 +186,7 @@ def test_idle_timeout_after_streaming_began_is_an_error_event(
     assert got == ["partial"] and "idle" in info.value.message
 
 
+@BOTH_STAND_INS
 def test_status_replacements_count_as_activity(
     slow_proxy: Mitmdump, fake_poe: FakePoe, bot: str
 ) -> None:
@@ -176,6 +201,7 @@ def test_status_replacements_count_as_activity(
     assert result.choices[0].message.content == "done"
 
 
+@BOTH_STAND_INS
 def test_total_cap_is_504_not_to_be_retried(
     slow_proxy: Mitmdump, fake_poe: FakePoe, bot: str
 ) -> None:

@@ -15,6 +15,8 @@ from fake_poe import FakePoe, http_error, json_event, replace, sleep, text
 from harness import Mitmdump, assert_no_traceback
 from mitmproxy import io as mitmio
 
+pytestmark = pytest.mark.both_stand_ins  # FakePoe and fastapi-poe's own bot server
+
 USER = [{"role": "user", "content": "hi"}]
 
 
@@ -137,6 +139,9 @@ def test_non_ascii_token_is_401_not_500(proxy_tokens: Mitmdump) -> None:
     assert "Traceback" not in proxy_tokens.output
 
 
+@pytest.mark.fake_poe_only(
+    reason="http_error(): fastapi-poe's bot server always answers with an event stream"
+)
 def test_models_need_no_usable_key(fake_poe: FakePoe, bot: str) -> None:
     fake_poe.script(bot, [http_error(402, {"detail": "no points"})])
     with Mitmdump(options=poe_options(fake_poe, poe_api_key=POE_KEY), regular=False) as m:

@@ -11,6 +11,8 @@ from fake_poe import FakePoe, error, json_event, sleep, text
 from harness import Mitmdump
 from openapi_schema import validate
 
+pytestmark = pytest.mark.both_stand_ins  # FakePoe and fastapi-poe's own bot server
+
 WEATHER = {
     "type": "function",
     "name": "get_weather",

@@ -12,6 +12,8 @@ from fake_poe import FakePoe, file, json_event, sleep, text
 from harness import Mitmdump
 from openapi_schema import validate
 
+pytestmark = pytest.mark.both_stand_ins  # FakePoe and fastapi-poe's own bot server
+
 WEATHER = {
     "type": "function",
     "function": {
