@@ -67,6 +67,10 @@ class AnswerStream:
         # A file's markdown ends the answer so far: text that follows starts a new paragraph,
         # or it would glue onto the URL ("[ref]: https://.../cat.png![cat][ref]").
         self._after_file = False
+        # Files that came while the text was only status ("Generating image..."): Poe's
+        # replacements rewrite the text, never the files, so their links wait for the text
+        # that stays and follow it (or are the whole answer if only status came).
+        self._pending: list[Attachment] = []
 
     @property
     def answer(self) -> str:
@@ -106,11 +110,18 @@ class AnswerStream:
 
     def file(self, attachment: Attachment) -> str:
         self.files.append(attachment)
+        if self._held and self._status_only():
+            self._pending.append(attachment)
+            return ""
+        self._held = False  # a file confirms a (non-status) replacement before it
+        self._link(attachment)
+        return self._commit()
+
+    def _link(self, attachment: Attachment) -> str:
+        """Append a file's markdown to the answer (unless the text links it already)."""
         answer = self.answer
         if not attachment.inline_ref and f"]({attachment.url}" in answer:
-            # The bot's text already links this very file: showing it twice helps nobody.
-            self._held = False
-            return self._commit()
+            return ""  # the bot's text already links this very file: once is enough
         link = attachment_markdown(attachment)
         if answer and not answer.endswith("\n"):
             link = "\n\n" + link
@@ -119,9 +130,15 @@ class AnswerStream:
         self._answer.append(link)
         self._after_file = True
         self._held = False
-        return self._commit()
+        return ""
 
     def finish(self) -> str:
+        if self._pending and self._held and self._status_only():
+            # Only status ("Generating image...") came before the files: the files are the
+            # answer, the status was never part of it.
+            self._answer = TextBuffer()
+            self._replaced = True
+            self._replaced_len = 0
         self._held = False
         return self._commit()
 
@@ -143,6 +160,8 @@ class AnswerStream:
     def _commit(self) -> str:
         if self._held:
             return ""
+        while self._pending:
+            self._link(self._pending.pop(0))
         if self._replaced:
             self._replaced = False
             if self.answer.startswith(self.client):

@@ -79,12 +79,10 @@ def test_an_inline_attachment_shows_where_the_text_refers_to_it(
     assert "See " in got
 
 
-@pytest.mark.xfail(
-    strict=True, reason="answer.py (H1's module): a replacement after a file drops the file"
-)
+@pytest.mark.parametrize("stream", [False, True])
 @pytest.mark.parametrize("inline_ref", [None, "img"])
 def test_a_replacement_after_a_file_keeps_the_file(
-    proxy: Mitmdump, fake_poe: FakePoe, bot: str, inline_ref: str | None
+    proxy: Mitmdump, fake_poe: FakePoe, bot: str, inline_ref: str | None, stream: bool
 ) -> None:
     url = "https://poe.test/out.png"
     final = "Here it is: ![out][img]" if inline_ref else "Here it is."
@@ -96,7 +94,20 @@ def test_a_replacement_after_a_file_keeps_the_file(
             replace(final),
         ],
     )
-    assert markdown_images(answer(proxy, bot, stream=False)) == [url]
+    got = answer(proxy, bot, stream)
+    # Poe's replacements rewrite the text, never the files; the status text is gone.
+    assert markdown_images(got) == [url], got
+    assert got.startswith("Here it is") and "Generating" not in got, got
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_files_after_only_status_text_are_the_answer(
+    proxy: Mitmdump, fake_poe: FakePoe, bot: str, stream: bool
+) -> None:
+    url = "https://poe.test/only.png"
+    fake_poe.script(bot, [replace("Generating image (40%)"), file(url, "image/png", "only.png")])
+    got = answer(proxy, bot, stream)
+    assert got == f"![only.png]({url})", got
 
 
 @pytest.mark.parametrize("response_format", ["url", "b64_json"])
