@@ -7,14 +7,18 @@ so tools, pictures, files, limits and JSON mode behave exactly as in chat comple
 
 from __future__ import annotations
 
+import hmac
 import json
+import re
 import secrets
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
+from addon.chat import ChatRequest, parse_chat_request
 from addon.errors import OpenAIError, bad_request
+from addon.mappings import ModelMap
 
 # --- request ------------------------------------------------------------------------------------
 
@@ -162,6 +166,77 @@ def chat_body(body: dict[str, Any], history: list[dict[str, Any]]) -> dict[str, 
     return {k: v for k, v in out.items() if v is not None}
 
 
+# Chat fields the rewrite fills, by the Responses field the client sent.
+_FIELD_NAMES = {
+    "max_completion_tokens": "max_output_tokens",
+    "response_format": "text.format",
+}
+_MESSAGE = re.compile(r"messages\[(\d+)\]((?:\.tool_calls\[(\d+)\](?:\.function)?)?)")
+
+
+def _input_origins(items: object) -> list[int]:
+    """For each chat message made from ``input``, the index of the item it starts at. Found
+    by converting ever longer prefixes (only when an error must be named, so the cost of
+    walking prefixes is paid by bad requests alone); several items can make one message."""
+    if not isinstance(items, list):
+        return [0]
+    origins: list[int] = []
+    for j in range(len(items)):
+        made = len(input_to_messages(items[: j + 1]))
+        origins += [j] * (made - len(origins))
+    return origins
+
+
+def in_request_terms(
+    error: OpenAIError, body: dict[str, Any], history: list[dict[str, Any]]
+) -> OpenAIError:
+    """A chat parser's error, naming the field the client sent in its Responses request:
+    ``messages[i]`` becomes ``input[j]`` (or ``instructions``, or ``previous_response_id`` for
+    the stored conversation), ``max_completion_tokens`` becomes ``max_output_tokens``..."""
+    first_input = len(history) + (1 if body.get("instructions") is not None else 0)
+    try:
+        origins = _input_origins(body.get("input"))
+    except OpenAIError:
+        origins = []
+
+    def rename(match: re.Match[str]) -> str:
+        index = int(match.group(1))
+        if index < len(history):
+            return "previous_response_id"
+        if index < first_input:
+            return "instructions"
+        k = index - first_input
+        if k >= len(origins):
+            return "input"
+        item = origins[k]
+        if match.group(3) is not None:  # a tool call: one function_call item each
+            return f"input[{item + int(match.group(3))}]"
+        return f"input[{item}]"
+
+    def translate(text: str) -> str:
+        text = _MESSAGE.sub(rename, text)
+        text = re.sub(r"(tools\[\d+\])\.function\b", r"\1", text)  # Responses tools are flat
+        for chat_name, name in _FIELD_NAMES.items():
+            text = text.replace(chat_name, name)
+        return re.sub(r"\bmessages\b", "input", text)
+
+    param = None if error.param is None else translate(error.param)
+    return OpenAIError(
+        error.status, translate(error.message), error.type, error.code, param, error.headers
+    )
+
+
+def parse_request(
+    body: dict[str, Any], history: list[dict[str, Any]], model_map: ModelMap, file_limit: int
+) -> ChatRequest:
+    """Validate a Responses request through the chat parser (one validation path), with its
+    errors in the client's own terms."""
+    try:
+        return parse_chat_request(chat_body(body, history), model_map, file_limit)
+    except OpenAIError as e:
+        raise in_request_terms(e, body, history) from None
+
+
 # --- the conversation store ----------------------------------------------------------------------
 
 
@@ -169,6 +244,7 @@ def chat_body(body: dict[str, Any], history: list[dict[str, Any]]) -> dict[str, 
 class Stored:
     response: dict[str, Any]
     conversation: list[dict[str, Any]]  # chat messages through this response's output
+    owner: str = ""  # who made it (service.owner_of): only they may read or continue it
     at: float = field(default_factory=time.monotonic)
 
 
@@ -180,18 +256,27 @@ class ResponseStore:
         self.max_age_s = max_age_s
         self._items: OrderedDict[str, Stored] = OrderedDict()
 
-    def put(self, response: dict[str, Any], conversation: list[dict[str, Any]]) -> None:
-        self._items[response["id"]] = Stored(response, conversation)
+    def put(
+        self, response: dict[str, Any], conversation: list[dict[str, Any]], owner: str = ""
+    ) -> None:
+        self._items[response["id"]] = Stored(response, conversation, owner)
         self._items.move_to_end(response["id"])
         self._expire()
 
-    def get(self, response_id: str) -> Stored | None:
+    def get(self, response_id: str, owner: str = "") -> Stored | None:
+        """The stored response, if ``owner`` made it; another caller's is as good as unknown
+        (not even its existence is told)."""
         self._expire()
-        return self._items.get(response_id)
+        stored = self._items.get(response_id)
+        if stored is None or not hmac.compare_digest(stored.owner, owner):
+            return None
+        return stored
 
-    def delete(self, response_id: str) -> bool:
-        self._expire()
-        return self._items.pop(response_id, None) is not None
+    def delete(self, response_id: str, owner: str = "") -> bool:
+        if self.get(response_id, owner) is None:
+            return False
+        del self._items[response_id]
+        return True
 
     def __len__(self) -> int:
         return len(self._items)
