@@ -7,7 +7,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from addon.chat import parse_model, parse_parameters
+from addon.chat import bot_for, model_name, parse_parameters
 from addon.errors import bad_request
 from addon.mappings import ModelMap
 
@@ -52,7 +52,7 @@ def parse_image_request(body: object, model_map: ModelMap) -> ImageRequest:
         raise bad_request("prompt is required.", "prompt")
     # The same checks as chat (one validation path); only a missing model has a default here.
     model = body.get("model")
-    model, bot = parse_model({"model": DEFAULT_MODEL if model is None else model}, model_map)
+    model = model_name({"model": DEFAULT_MODEL if model is None else model})
     n = body.get("n", 1)
     if n is None:
         n = 1
@@ -71,7 +71,7 @@ def parse_image_request(body: object, model_map: ModelMap) -> ImageRequest:
     parameters = parse_parameters(body.get("poe_parameters"))
     return ImageRequest(
         model=model,
-        bot=bot,
+        bot=bot_for(model, model_map),  # after every field, as in chat
         prompt=prompt,
         n=n,
         aspect=aspect_for(size) if isinstance(size, str) else None,
