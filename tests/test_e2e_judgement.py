@@ -1,0 +1,259 @@
+"""Order of judgement, through a real mitmdump: for every endpoint, what is checked in which
+order (auth -> body -> fields -> model -> key -> Poe) and the status each failure gets, while
+the configured key is healthy, resting (rate-limited), out of points and rejected.
+
+A request that fails an early check never reaches a later one: a body that is not JSON is a
+400 even when every key rests, and only a request that passes every check spends a key.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import pytest
+from conftest import ACCESS_TOKEN, POE_KEY, poe_options
+from fake_poe import FakePoe, file, http_error, text
+from harness import Mitmdump
+
+from addon.config import fingerprint
+
+MB = 1024 * 1024
+UNKNOWN_KEY = "poe-key-poe-does-not-know"  # the stand-in answers it 401
+BAD_MODEL = "no such model!"  # not a valid Poe bot name: 404 without asking Poe
+USER = [{"role": "user", "content": "hi"}]
+
+
+@dataclass
+class Endpoint:
+    path: str
+    valid: dict[str, Any]  # with "{bot}" for the model
+    bad_field: dict[str, Any]  # a field error (and, to check the order, an unknown model)
+    image: bool = False
+
+
+ENDPOINTS = {
+    "chat": Endpoint(
+        "/v1/chat/completions",
+        {"messages": USER},
+        {"model": BAD_MODEL, "messages": []},
+    ),
+    "completions": Endpoint(
+        "/v1/completions",
+        {"prompt": "hi"},
+        {"model": BAD_MODEL, "prompt": 5},
+    ),
+    "responses": Endpoint(
+        "/v1/responses",
+        {"input": "hi"},
+        {"model": BAD_MODEL, "input": 5},
+    ),
+    "images": Endpoint(
+        "/v1/images/generations",
+        {"prompt": "a cat"},
+        {"model": BAD_MODEL, "prompt": ""},
+        image=True,
+    ),
+}
+
+# (what is wrong, status, code), in the order the proxy judges; each row's request also
+# fails every later check, so its answer shows which check comes first.
+ROWS = [
+    ("no token, body not JSON", 401, "invalid_api_key"),
+    ("no token, body over the limit", 401, "invalid_api_key"),
+    ("body not JSON", 400, None),
+    ("body not an object", 400, None),
+    ("body over the limit (content-length)", 413, "request_too_large"),
+    ("body over the limit (chunked)", 413, "request_too_large"),
+    ("field wrong, model unknown", 400, None),
+    ("model unknown", 404, "model_not_found"),
+]
+
+# The answer to a request that passes every check, by key state.
+KEY_ANSWER = {
+    "healthy": (200, None),
+    "resting": (429, "rate_limit_exceeded"),
+    "out of points": (429, "insufficient_quota"),
+    "rejected": (502, "poe_key_rejected"),
+}
+
+
+@dataclass
+class Judged:
+    proxy: Mitmdump
+    state: str
+    key: str
+    bot: str  # answers text (when healthy)
+    image_bot: str  # answers a picture (when healthy)
+
+
+@pytest.fixture(scope="module", params=list(KEY_ANSWER))
+def judged(request: pytest.FixtureRequest, fake_poe: FakePoe) -> Iterator[Judged]:
+    """A proxy with access tokens and one configured key, brought to a key state by one
+    request whose Poe answer rests or rejects the key."""
+    state: str = request.param
+    key = UNKNOWN_KEY if state == "rejected" else POE_KEY
+    opts = poe_options(
+        fake_poe, poe_api_key=key, poe_access_tokens=ACCESS_TOKEN, poe_max_body_mb="1"
+    )
+    bot, image_bot = (f"Judged-{uuid.uuid4().hex[:8]}" for _ in range(2))
+    fake_poe.script(bot, [text("ok")])
+    fake_poe.script(image_bot, [file("https://pfst.test/cat.png", "image/png", "cat.png")])
+    with Mitmdump(options=opts, regular=False) as m:
+        if state != "healthy":
+            spoiler = f"Spoiler-{uuid.uuid4().hex[:8]}"
+            failure = {
+                "resting": http_error(429, {"detail": "slow down"}, {"Retry-After": "3600"}),
+                "out of points": http_error(402, {"detail": "no points"}),
+                "rejected": text("never sent: Poe rejects the key first"),
+            }[state]
+            fake_poe.script(spoiler, [failure])
+            with m.http() as http:
+                r = http.post(
+                    "/v1/chat/completions",
+                    json={"model": spoiler, "messages": USER},
+                    headers=token(),
+                )
+            assert r.status_code in (429, 502), r.text
+            assert len(fake_poe.requests_for(spoiler)) == 1
+        yield Judged(m, state, key, bot, image_bot)
+
+
+def token(value: str = ACCESS_TOKEN) -> dict[str, str]:
+    return {"authorization": f"Bearer {value}"}
+
+
+def chunks(size: int) -> Iterator[bytes]:
+    """A body with no content-length (sent chunked), ``size`` bytes of a JSON string."""
+    yield b'{"pad": "'
+    sent = 10
+    while sent < size:
+        piece = min(64 * 1024, size - sent)
+        yield b"x" * piece
+        sent += piece
+    yield b'"}'
+
+
+def send(http: httpx.Client, endpoint: Endpoint, row: str, model: str) -> httpx.Response:
+    valid = {"model": model, **endpoint.valid}
+    if row == "no token, body not JSON":
+        return http.post(endpoint.path, content=b"{not json")
+    if row == "no token, body over the limit":
+        return http.post(endpoint.path, json={**valid, "pad": "x" * MB})
+    if row == "body not JSON":
+        return http.post(endpoint.path, content=b"{not json", headers=token())
+    if row == "body not an object":
+        return http.post(endpoint.path, json=[valid], headers=token())
+    if row == "body over the limit (content-length)":
+        return http.post(endpoint.path, json={**valid, "pad": "x" * MB}, headers=token())
+    if row == "body over the limit (chunked)":
+        return http.post(endpoint.path, content=chunks(MB + 1), headers=token())
+    if row == "field wrong, model unknown":
+        return http.post(endpoint.path, json=endpoint.bad_field, headers=token())
+    if row == "model unknown":
+        return http.post(endpoint.path, json={**valid, "model": BAD_MODEL}, headers=token())
+    raise AssertionError(row)
+
+
+def assert_error(r: httpx.Response, status: int, code: str | None) -> dict[str, Any]:
+    assert r.status_code == status, r.text
+    error: dict[str, Any] = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    if code is not None:
+        assert error["code"] == code, error
+    return error
+
+
+@pytest.mark.parametrize("name", list(ENDPOINTS))
+def test_order_of_judgement(judged: Judged, fake_poe: FakePoe, name: str) -> None:
+    endpoint = ENDPOINTS[name]
+    model = judged.image_bot if endpoint.image else judged.bot
+    before = len(fake_poe.requests_for(model))
+    with judged.proxy.http() as http:
+        for row, status, code in ROWS:
+            r = send(http, endpoint, row, model)
+            error = assert_error(r, status, code)
+            if row.startswith("field wrong"):  # the field is named, not the model
+                assert error["param"] != "model", (row, error)
+        assert len(fake_poe.requests_for(model)) == before, "a refused request reached Poe"
+
+        # Everything right: now (and only now) a key is picked.
+        r = http.post(endpoint.path, json={"model": model, **endpoint.valid}, headers=token())
+    status, code = KEY_ANSWER[judged.state]
+    reached_poe = len(fake_poe.requests_for(model)) - before
+    if judged.state == "healthy":
+        assert r.status_code == 200, r.text
+        assert reached_poe == 1
+        return
+    error = assert_error(r, status, code)
+    assert reached_poe == 0  # a resting or rejected key is not tried again
+    # Each state says what it is, and names the key by its fingerprint, never the key.
+    assert fingerprint(judged.key) in error["message"]
+    assert judged.key not in r.text
+    if judged.state == "resting":
+        assert "rate-limited" in error["message"]
+        assert 3500 <= int(r.headers["retry-after"]) <= 3600
+        assert "x-should-retry" not in r.headers  # waiting it out is the right thing
+    else:
+        assert r.headers["x-should-retry"] == "false"
+        assert "retry-after" not in r.headers
+    if judged.state == "out of points":
+        assert "out of points" in error["message"] and "rejected by" not in error["message"]
+    if judged.state == "rejected":
+        assert "rejected by Poe" in error["message"] and "poe_api_key" in error["message"]
+        assert "rate-limited" not in error["message"] and "points" not in error["message"]
+
+
+def test_previous_response_id_is_judged_before_the_key(judged: Judged, fake_poe: FakePoe) -> None:
+    """The Responses API's own lookups: an unknown or malformed previous_response_id is a
+    404/400 whatever the key's state, and never reaches Poe."""
+    before = len(fake_poe.requests_for(judged.bot))
+    body = {"model": judged.bot, "input": "hi"}
+    with judged.proxy.http() as http:
+        r = http.post(
+            "/v1/responses", json={**body, "previous_response_id": "resp_nope"}, headers=token()
+        )
+        error = assert_error(r, 404, "not_found")
+        assert error["param"] == "previous_response_id"
+        r = http.post("/v1/responses", json={**body, "previous_response_id": 5}, headers=token())
+        assert assert_error(r, 400, None)["param"] == "previous_response_id"
+        for method in ("GET", "DELETE"):
+            r = http.request(method, "/v1/responses/resp_nope", headers=token())
+            assert_error(r, 404, "not_found")
+            r = http.request(method, "/v1/responses/resp_nope")
+            assert_error(r, 401, "invalid_api_key")
+    assert len(fake_poe.requests_for(judged.bot)) == before
+
+
+def test_models_need_a_token_but_no_key(judged: Judged) -> None:
+    """Listing models spends nothing: it answers whatever the key's state."""
+    with judged.proxy.http() as http:
+        assert_error(http.get("/v1/models"), 401, "invalid_api_key")
+        r = http.get("/v1/models", headers=token())
+        assert r.status_code == 200 and r.json()["object"] == "list"
+        assert_error(http.get("/v1/models/not-mapped", headers=token()), 404, "model_not_found")
+
+
+def test_pass_through_order(proxy_passthrough: Mitmdump, fake_poe: FakePoe, bot: str) -> None:
+    """Without configured keys the client's key is the Poe key: it is checked for presence
+    first, and a key Poe rejects is the client's 401, after every other check."""
+    fake_poe.script(bot, [text("ok")])
+    path = "/v1/chat/completions"
+    with proxy_passthrough.http() as http:
+        assert_error(http.post(path, content=b"{not json"), 401, "invalid_api_key")
+        for key in (UNKNOWN_KEY, POE_KEY):
+            r = http.post(path, content=b"{not json", headers=token(key))
+            assert_error(r, 400, None)
+            r = http.post(path, json={"model": BAD_MODEL, "messages": USER}, headers=token(key))
+            assert_error(r, 404, "model_not_found")
+        assert fake_poe.requests_for(bot) == []
+        r = http.post(path, json={"model": bot, "messages": USER}, headers=token(UNKNOWN_KEY))
+        error = assert_error(r, 401, "invalid_api_key")
+        assert UNKNOWN_KEY not in json.dumps(error)
+        r = http.post(path, json={"model": bot, "messages": USER}, headers=token(POE_KEY))
+        assert r.status_code == 200
+    assert [q.api_key for q in fake_poe.requests_for(bot)] == [UNKNOWN_KEY, POE_KEY]
