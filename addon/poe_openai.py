@@ -489,6 +489,11 @@ class PoeOpenAI:
                 # Not read (and buffered) whole here: the app judges the request in order
                 # (auth, then size) and refuses the body the moment it is too large.
                 flow.request.stream = StreamedRequest(flow, self.settings.max_body_bytes)
+                unframed = flow.request.is_http2 or flow.request.is_http3
+                if unframed and not size and "transfer-encoding" not in flow.request.headers:
+                    # HTTP/2 (or 3) without a length: mitmproxy would pass it on to the
+                    # HTTP/1.1 app unframed; chunked framing tells the app where it ends.
+                    flow.request.headers["transfer-encoding"] = "chunked"
         except Exception:
             logger.exception("poe-openai: could not route %s", flow.request.pretty_url)
             flow.response = error_response(internal_error())

@@ -8,7 +8,11 @@ A request that fails an early check never reaches a later one: a body that is no
 
 from __future__ import annotations
 
+import contextlib
 import json
+import socket
+import subprocess
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -18,7 +22,7 @@ import httpx
 import pytest
 from conftest import ACCESS_TOKEN, POE_KEY, poe_options
 from fake_poe import FakePoe, file, http_error, text
-from harness import Mitmdump
+from harness import Mitmdump, assert_no_traceback
 
 from addon.config import fingerprint
 
@@ -257,3 +261,102 @@ def test_pass_through_order(proxy_passthrough: Mitmdump, fake_poe: FakePoe, bot:
         r = http.post(path, json={"model": bot, "messages": USER}, headers=token(POE_KEY))
         assert r.status_code == 200
     assert [q.api_key for q in fake_poe.requests_for(bot)] == [UNKNOWN_KEY, POE_KEY]
+
+
+# --- the body limit, enforced while the body is read ---------------------------------------------
+
+
+def sized_chat(bot: str, size: int) -> bytes:
+    """A valid chat body of exactly ``size`` bytes (two messages: each stays countable)."""
+    head = b'{"model": "%s", "messages": [{"role": "user", "content": "' % bot.encode()
+    mid = b'"}, {"role": "user", "content": "'
+    tail = b'"}]}'
+    pad = size - len(head) - len(mid) - len(tail)
+    body = head + b"x" * (pad // 2) + mid + b"y" * (pad - pad // 2) + tail
+    assert len(body) == size and json.loads(body)
+    return body
+
+
+@pytest.fixture(scope="module")
+def small_body_proxy(fake_poe: FakePoe) -> Iterator[Mitmdump]:
+    opts = poe_options(fake_poe, poe_api_key=POE_KEY, poe_max_body_mb="1")
+    with Mitmdump(options=opts) as m:
+        yield m
+
+
+def chunked_request(port: int, body: bytes, finish: bool) -> tuple[float, bytes]:
+    """POST ``body`` chunked over a raw socket (optionally never ending it); the seconds until
+    the status line arrived after the last chunk was sent, and the answer's head."""
+    with socket.create_connection(("127.0.0.1", port)) as s:
+        s.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: api.openai.com\r\n"
+            b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+        )
+        for i in range(0, len(body), 64 * 1024):
+            piece = body[i : i + 64 * 1024]
+            s.sendall(b"%x\r\n%s\r\n" % (len(piece), piece))
+        if finish:
+            s.sendall(b"0\r\n\r\n")
+        sent = time.monotonic()
+        s.settimeout(10)
+        head = b""
+        with contextlib.suppress(TimeoutError):
+            while b"\r\n\r\n" not in head:
+                data = s.recv(65536)
+                if not data:
+                    break
+                head += data
+        return time.monotonic() - sent, head
+
+
+def test_chunked_body_over_the_limit_is_413_before_it_ends(
+    small_body_proxy: Mitmdump, fake_poe: FakePoe, bot: str
+) -> None:
+    """A chunked body has no content-length to check: it is refused the moment it passes
+    poe_max_body_mb, not read whole first (here it never even ends)."""
+    fake_poe.script(bot, [text("ok")])
+    port = small_body_proxy.reverse_port
+    assert port is not None
+    chunked_request(port, sized_chat(bot, 1000), finish=True)  # token tables loaded
+    waited, head = chunked_request(port, sized_chat(bot, MB + 1), finish=False)
+    assert head.startswith(b"HTTP/1.1 413"), head
+    assert waited < 3
+    for size in (MB, MB - 1):  # at and under the limit: answered
+        _, head = chunked_request(port, sized_chat(bot, size), finish=True)
+        assert head.startswith(b"HTTP/1.1 200"), head
+    assert_no_traceback(small_body_proxy.output)
+
+
+@pytest.mark.parametrize("size", [MB + 1, MB, MB - 1])
+def test_http2_body_without_length(
+    small_body_proxy: Mitmdump, fake_poe: FakePoe, bot: str, size: int
+) -> None:
+    """HTTP/2 through the explicit proxy, the body streamed from stdin with no content-length
+    (httpx offers no h2 inside a proxy tunnel; curl does)."""
+    fake_poe.script(bot, [text("ok")])
+    cmd = [
+        "curl",
+        "-s",
+        "--http2",
+        "-x",
+        small_body_proxy.proxy_url,
+        "--cacert",
+        str(small_body_proxy.ca_file),
+        "-X",
+        "POST",
+        "-H",
+        "content-type: application/json",
+        "-T",
+        "-",
+        "-w",
+        "\n%{http_code} http_version=%{http_version}",
+        "https://api.openai.com/v1/chat/completions",
+    ]
+    done = subprocess.run(cmd, input=sized_chat(bot, size), capture_output=True, timeout=30)
+    out = done.stdout.decode()
+    body, _, tail = out.rpartition("\n")
+    assert tail.endswith("http_version=2"), out[-300:]
+    if size > MB:
+        assert tail.startswith("413") and json.loads(body)["error"]["code"] == "request_too_large"
+    else:
+        assert tail.startswith("200"), out[-300:]
