@@ -360,3 +360,87 @@ def test_http2_body_without_length(
         assert tail.startswith("413") and json.loads(body)["error"]["code"] == "request_too_large"
     else:
         assert tail.startswith("200"), out[-300:]
+
+
+# --- errors name the field the client sent -------------------------------------------------------
+
+CALL = {"type": "function_call", "call_id": "c1", "name": "f", "arguments": "{}"}
+NAMELESS_CALL = {"type": "function_call", "call_id": "c2", "name": None, "arguments": "{}"}
+OUTPUTS = [
+    {"type": "function_call_output", "call_id": "c1", "output": "1"},
+    {"type": "function_call_output", "call_id": "c2", "output": "2"},
+]
+BAD_TEXT = {"role": "user", "content": [{"type": "input_text", "text": 5}]}
+
+# (Responses request fields, the param the error must name, text the message must not hold)
+RESPONSES_ERRORS = [
+    ({"input": [{"role": "user", "content": "a"}, BAD_TEXT]}, "input[1].content[0].text"),
+    (
+        {"instructions": "be brief", "input": [{"role": "user", "content": "a"}, BAD_TEXT]},
+        "input[1].content[0].text",
+    ),
+    ({"input": [BAD_TEXT]}, "input[0].content[0].text"),
+    (
+        {"input": [{"role": "user", "content": "hi"}, CALL, NAMELESS_CALL, *OUTPUTS]},
+        "input[2].name",
+    ),
+    ({"input": "hi", "max_output_tokens": -1}, "max_output_tokens"),
+    ({"input": "hi", "text": {"format": {"type": "bogus"}}}, "text.format"),
+    ({"input": "hi", "tools": [{"type": "function", "parameters": {}}]}, "tools[0].name"),
+    (
+        {"input": "hi", "tools": [{"type": "function", "name": "f", "parameters": "x"}]},
+        "tools[0].parameters",
+    ),
+    ({"input": "hi", "poe_parameters": []}, "poe_parameters"),
+]
+
+
+@pytest.mark.parametrize(("fields", "param"), RESPONSES_ERRORS)
+def test_responses_errors_name_the_responses_field(
+    proxy: Mitmdump, bot: str, fields: dict[str, Any], param: str
+) -> None:
+    """A Responses request is validated by the chat parser (one path), but its errors name
+    the Responses field: never messages[i] (with indices shifted by instructions or merged
+    tool calls), max_completion_tokens or response_format."""
+    with proxy.http() as http:
+        r = http.post("/v1/responses", json={"model": bot, **fields})
+    error = assert_error(r, 400, None)
+    assert error["param"] == param, error
+    for chat_word in ("messages", "max_completion_tokens", "response_format", ".function"):
+        assert chat_word not in error["message"] and chat_word not in error["param"], error
+
+
+# Fields images shares with chat: the same answers for the same mistakes.
+SHARED_FIELDS = [
+    ({"poe_parameters": []}, "poe_parameters"),
+    ({"poe_parameters": ""}, "poe_parameters"),
+    ({"poe_parameters": 5}, "poe_parameters"),
+    ({"model": ""}, "model"),
+    ({"model": 5}, "model"),
+    ({"model": []}, "model"),
+]
+
+
+@pytest.mark.parametrize(("fields", "param"), SHARED_FIELDS)
+def test_images_and_chat_judge_shared_fields_alike(
+    proxy: Mitmdump, fake_poe: FakePoe, bot: str, fields: dict[str, Any], param: str
+) -> None:
+    fake_poe.script(bot, [text("ok")])
+    chat_body = {"model": bot, "messages": USER, **fields}
+    image_body = {"model": bot, "prompt": "a cat", **fields}
+    with proxy.http() as http:
+        chat = assert_error(http.post("/v1/chat/completions", json=chat_body), 400, None)
+        image = assert_error(http.post("/v1/images/generations", json=image_body), 400, None)
+    assert chat == image and chat["param"] == param
+    assert fake_poe.requests_for(bot) == []
+
+
+@pytest.mark.parametrize("value", ["", [], 0])
+def test_images_response_format_falsy_values_are_refused(
+    proxy: Mitmdump, bot: str, value: object
+) -> None:
+    """`or "url"` took any falsy value for the default; only a missing (or null) one is."""
+    with proxy.http() as http:
+        body = {"model": bot, "prompt": "a cat", "response_format": value}
+        error = assert_error(http.post("/v1/images/generations", json=body), 400, None)
+    assert error["param"] == "response_format"
