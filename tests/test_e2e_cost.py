@@ -239,3 +239,24 @@ def test_cost_per_request_with_a_configured_key(fake_poe: FakePoe, name: str) ->
     opts = poe_options(fake_poe, poe_api_key=key, **TIMEOUTS)
     with Mitmdump(options=opts, regular=False) as m:
         run(m, fake_poe, CONFIGURED[name])
+
+
+@pytest.mark.parametrize("endpoint", ["images", "chat", "completions"])
+def test_n_choices_are_n_conversations(
+    passthrough: Mitmdump, fake_poe: FakePoe, bot: str, endpoint: str
+) -> None:
+    """n choices cost n queries, each its own conversation (own message and conversation
+    ids): the same ids n times would be one conversation to Poe, answered n times over."""
+    fake_poe.script(bot, [file("https://pfst.test/cat.png", "image/png", "cat.png")])
+    client = sdk(passthrough)
+    if endpoint == "images":
+        result = client.images.generate(model=bot, prompt="a cat", n=3)
+        assert len(result.data or []) == 3
+    elif endpoint == "chat":
+        assert len(client.chat.completions.create(model=bot, messages=USER, n=3).choices) == 3
+    else:
+        assert len(client.completions.create(model=bot, prompt="hi", n=3).choices) == 3
+    queries = [q.query for q in fake_poe.requests_for(bot)]
+    assert len(queries) == 3 and all(q is not None for q in queries)
+    assert len({q.message_id for q in queries if q}) == 3
+    assert len({q.conversation_id for q in queries if q}) == 3
