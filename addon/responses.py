@@ -132,9 +132,18 @@ def _tool_choice(value: object) -> object:
 
 
 def _response_format(text: object) -> dict[str, Any] | None:
-    fmt = text.get("format") if isinstance(text, dict) else None
-    if not isinstance(fmt, dict):
+    if text is None:
         return None
+    if not isinstance(text, dict):  # not silently ignored: the client meant something
+        raise bad_request("text must be an object such as {'format': {'type': 'text'}}.", "text")
+    fmt = text.get("format")
+    if fmt is None:
+        return None
+    if not isinstance(fmt, dict):
+        raise bad_request(
+            "text.format must be an object: {'type': 'text' | 'json_object' | 'json_schema'}.",
+            "text.format",
+        )
     if fmt.get("type") == "json_schema":
         return {
             "type": "json_schema",

@@ -392,6 +392,8 @@ RESPONSES_ERRORS = [
         "tools[0].parameters",
     ),
     ({"input": "hi", "poe_parameters": []}, "poe_parameters"),
+    ({"input": "hi", "text": 5}, "text"),  # was silently ignored
+    ({"input": "hi", "text": {"format": "json"}}, "text.format"),  # was silently ignored
 ]
 
 
