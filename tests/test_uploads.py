@@ -14,7 +14,9 @@ import asyncio
 import base64
 import os
 import threading
+import time
 from collections.abc import AsyncIterator, Iterator
+from types import SimpleNamespace
 from typing import Any
 
 import httpx
@@ -28,7 +30,7 @@ from addon.files import FileInput
 from addon.pacing import with_ticks
 from addon.poe import PoeClient, PoeError
 from addon.responses import ResponseStore
-from addon.service import owner_of
+from addon.service import Service, owner_of
 
 SECOND = "poe-second-key"
 UNKNOWN = "poe-key-poe-does-not-know"  # the stand-in rejects it (401)
@@ -230,6 +232,26 @@ def test_response_store_owner_unit() -> None:
     assert store.get("resp_1", alice) is not None and store.delete("resp_1", alice)
     assert store.get("resp_1", alice) is None
     assert "key-a" not in alice  # a digest, not the key
+
+
+# --- token tables ------------------------------------------------------------------------------
+
+
+def test_a_caller_leaving_while_token_tables_load_does_not_stop_them() -> None:
+    """The token tables load once, in a thread, and every early request waits for them: one
+    that leaves meanwhile stops its own wait, never the load the others wait for."""
+
+    async def main() -> tuple[bool, bool, bool]:
+        loop = asyncio.get_running_loop()
+        holder = SimpleNamespace(tokenizer=loop.run_in_executor(None, time.sleep, 0.3))
+        leaving = asyncio.create_task(Service.tokenizer_loaded(holder))  # type: ignore[arg-type]
+        staying = asyncio.create_task(Service.tokenizer_loaded(holder))  # type: ignore[arg-type]
+        await asyncio.sleep(0.05)
+        leaving.cancel()
+        await staying
+        return leaving.cancelled(), holder.tokenizer.cancelled(), holder.tokenizer.done()
+
+    assert asyncio.run(main()) == (True, False, True)
 
 
 # --- connections -------------------------------------------------------------------------------
