@@ -157,6 +157,9 @@ OUTCOMES: dict[str, Outcome] = {
     "no first event in time": Outcome(
         [sleep(1.5), text("late")], chat(), 3, openai.APIStatusError, status=504,
         code="timeout"),
+    "silence mid-answer": Outcome(
+        [text("a"), sleep(1.5), text("b")], chat(), 3, openai.APIStatusError, status=504,
+        code="timeout"),
     "whole-answer cap": Outcome(
         [text("a"), *[s for _ in range(5) for s in (sleep(0.6), text("."))]], chat(), 1,
         openai.APIStatusError, status=504, code="timeout"),
