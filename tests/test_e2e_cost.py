@@ -263,3 +263,19 @@ def test_n_choices_are_n_conversations(
     assert len(queries) == 3 and all(q is not None for q in queries)
     assert len({q.message_id for q in queries if q}) == 3
     assert len({q.conversation_id for q in queries if q}) == 3
+
+
+def test_a_proxy_side_failure_after_the_answer_is_not_paid_for_again(
+    passthrough: Mitmdump, fake_poe: FakePoe, bot: str
+) -> None:
+    """Whatever goes wrong in the proxy after Poe answered (here: counting the tokens of a
+    1.2 MB message, which the token counter refused at the time of writing), the SDK must not
+    send the request again: a 500 says x-should-retry: false. One query either way."""
+    fake_poe.script(bot, [text("ok")])
+    client = sdk(passthrough)
+    long = [{"role": "user", "content": "a" * 1_200_000}]
+    try:
+        client.chat.completions.create(model=bot, messages=long)  # type: ignore[arg-type]
+    except openai.InternalServerError as e:
+        assert e.status_code == 500 and e.response.headers["x-should-retry"] == "false"
+    assert len(fake_poe.requests_for(bot)) == 1
