@@ -446,3 +446,29 @@ def test_images_response_format_falsy_values_are_refused(
         body = {"model": bot, "prompt": "a cat", "response_format": value}
         error = assert_error(http.post("/v1/images/generations", json=body), 400, None)
     assert error["param"] == "response_format"
+
+
+def test_plain_server_refuses_a_chunked_body_before_it_ends(fake_poe: FakePoe, bot: str) -> None:
+    """The same limit in the plain server (no mitmproxy in front): read chunk by chunk."""
+    from harness import free_port
+    from test_standalone import start, wait_port
+
+    fake_poe.script(bot, [text("ok")])
+    port = free_port()
+    env = {
+        "POE_API_KEY": POE_KEY,
+        "POE_BASE_URL": fake_poe.base_url,
+        "POE_MAX_BODY_MB": "1",
+    }
+    proc = start(["serve", "--port", str(port)], env)
+    try:
+        wait_port(port, proc)
+        chunked_request(port, sized_chat(bot, 1000), finish=True)  # token tables loaded
+        waited, head = chunked_request(port, sized_chat(bot, MB + 1), finish=False)
+        assert head.startswith(b"HTTP/1.1 413"), head
+        assert waited < 3
+        _, head = chunked_request(port, sized_chat(bot, MB), finish=True)
+        assert head.startswith(b"HTTP/1.1 200"), head
+    finally:
+        proc.terminate()
+        proc.wait(10)
