@@ -22,7 +22,8 @@ import httpx
 import pytest
 from conftest import ACCESS_TOKEN, POE_KEY, poe_options
 from fake_poe import FakePoe, file, http_error, text
-from harness import Mitmdump, assert_no_traceback
+from harness import Mitmdump, assert_no_traceback, free_port
+from test_standalone import start, wait_port
 
 from addon.config import fingerprint
 
@@ -450,9 +451,6 @@ def test_images_response_format_falsy_values_are_refused(
 
 def test_plain_server_refuses_a_chunked_body_before_it_ends(fake_poe: FakePoe, bot: str) -> None:
     """The same limit in the plain server (no mitmproxy in front): read chunk by chunk."""
-    from harness import free_port
-    from test_standalone import start, wait_port
-
     fake_poe.script(bot, [text("ok")])
     port = free_port()
     env = {
