@@ -148,7 +148,9 @@ class Call:
                 tried.add(key)
                 following = self.service.pool.pick(exclude=tried)
                 if following is None:
-                    if len(tried) == 1:  # nothing to fail over to: Poe's own answer
+                    # Nothing to fail over to, or every key failed in a way that need not
+                    # concern the key (an in-band limit of this bot): Poe's own answer.
+                    if len(tried) == 1 or self.service.pool.any_usable():
                         raise self.failure(e, "before answering", key) from None
                     logger.info("poe-openai: %s: no Poe key left", self.label)
                     raise self.service.pool.exhausted() from None

@@ -96,9 +96,15 @@ class KeyPool:
             for s in self.states
         ]
 
+    def any_usable(self) -> bool:
+        now = self.clock()
+        return any(self._usable(s, now) for s in self.states)
+
     def _describe(self, state: KeyState, now: float) -> str:
         if state.rejected:
             return f"{state.tag} rejected by Poe"
+        if state.cooling_until <= now:
+            return f"{state.tag} ready"
         return f"{state.tag} {state.reason}, usable again in {state.cooling_until - now:.0f} s"
 
     def exhausted(self) -> OpenAIError:
@@ -119,10 +125,13 @@ class KeyPool:
                 None,
                 {"retry-after": str(wait)},
             )
+        rejected = any(s.rejected for s in self.states)
+        fix = " Set valid keys in poe_api_key (or poe_api_key_file)." if rejected else ""
         if resting:
+            what = "out of points or rejected by Poe" if rejected else "out of points"
             return OpenAIError(
                 429,
-                f"Every Poe key of this proxy is out of points or rejected ({states}).",
+                f"Every Poe key of this proxy is {what} ({states}).{fix}",
                 "insufficient_quota",
                 "insufficient_quota",
                 None,

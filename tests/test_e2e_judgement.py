@@ -21,7 +21,7 @@ from typing import Any
 import httpx
 import pytest
 from conftest import ACCESS_TOKEN, POE_KEY, poe_options
-from fake_poe import FakePoe, file, http_error, text
+from fake_poe import FakePoe, error, file, http_error, text
 from harness import Mitmdump, assert_no_traceback, free_port
 from test_standalone import start, wait_port
 
@@ -470,3 +470,33 @@ def test_plain_server_refuses_a_chunked_body_before_it_ends(fake_poe: FakePoe, b
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+@pytest.mark.parametrize(
+    ("failure", "status", "code"),
+    [
+        # In-band: may concern this bot only; the keys stay usable, Poe's answer is given.
+        (error("out of points", error_type="insufficient_fund"), 429, "insufficient_quota"),
+        (error("You have exceeded rate limit for this bot."), 429, "rate_limit_exceeded"),
+        # HTTP: the keys' own state; the answer names each key.
+        (http_error(402, {"detail": "no points"}), 429, "insufficient_quota"),
+        (http_error(401, {"detail": "bad key"}), 502, "poe_key_rejected"),
+    ],
+)
+def test_every_key_failing_says_what_happened(
+    fake_poe: FakePoe, bot: str, failure: Any, status: int, code: str
+) -> None:
+    """Two configured keys, both failing: the answer says what happened, never 'rejected'
+    for keys Poe did not reject (nor a rate limit for keys out of points)."""
+    fake_poe.script(bot, [failure])
+    opts = poe_options(fake_poe, poe_api_key=f"{POE_KEY},poe-second-key")
+    with Mitmdump(options=opts, regular=False) as m, m.http() as http:
+        r = http.post("/v1/chat/completions", json={"model": bot, "messages": USER})
+        error_body = assert_error(r, status, code)
+        assert len(fake_poe.requests_for(bot)) == 2  # each key tried once
+        if code == "poe_key_rejected":
+            for key in (POE_KEY, "poe-second-key"):
+                assert fingerprint(key) in error_body["message"]
+            assert "poe_api_key" in error_body["message"]
+        else:
+            assert "rejected" not in error_body["message"]
