@@ -208,11 +208,17 @@ def _stop(value: object) -> list[str]:
 MAX_CHOICES = 10
 
 
-def parse_model(body: dict[str, Any], model_map: ModelMap) -> tuple[str, str]:
-    """(the model name as sent, the Poe bot that answers it)."""
+def model_name(body: dict[str, Any]) -> str:
+    """The ``model`` field as sent (400 if it is not a name at all)."""
     model = body.get("model")
     if not isinstance(model, str) or not model.strip():
         raise bad_request("model is required: the OpenAI model or Poe bot name.", "model")
+    return model
+
+
+def bot_for(model: str, model_map: ModelMap) -> str:
+    """The Poe bot that answers ``model`` (404 if there can be none). Checked after every
+    field: a request is judged auth -> body -> fields -> model -> key."""
     bot = model_map.bot_for(model.strip())
     if not BOT_NAME.match(bot):
         raise not_found(
@@ -220,7 +226,13 @@ def parse_model(body: dict[str, Any], model_map: ModelMap) -> tuple[str, str]:
             "valid Poe bot name.",
             "model_not_found",
         )
-    return model, bot
+    return bot
+
+
+def parse_model(body: dict[str, Any], model_map: ModelMap) -> tuple[str, str]:
+    """(the model name as sent, the Poe bot that answers it)."""
+    model = model_name(body)
+    return model, bot_for(model, model_map)
 
 
 def _positive_int(body: dict[str, Any], name: str) -> int | None:
@@ -302,7 +314,7 @@ def parse_chat_request(
     """Validate an OpenAI chat completion request; OpenAIError(400, param=...) if it is bad."""
     if not isinstance(body, dict):
         raise bad_request("The request body must be a JSON object.")
-    model, bot = parse_model(body, model_map)
+    model = model_name(body)
     messages, files, tool_calls, tool_results = parse_messages(body.get("messages"), file_limit)
     sampling = parse_sampling(body, "max_tokens", "max_completion_tokens")
     parallel = body.get("parallel_tool_calls", True)
@@ -318,6 +330,8 @@ def parse_chat_request(
             "response_format",
         )
     json_schema = _json_schema(response_format)
+    tools = parse_tools(body.get("tools"), body.get("tool_choice"))
+    bot = bot_for(model, model_map)
     instruction = json_instruction(response_format)
     if instruction:
         shift = 0 if messages and messages[0].role == "system" else 1
@@ -328,7 +342,7 @@ def parse_chat_request(
         bot=bot,
         messages=messages,
         files=files,
-        tools=parse_tools(body.get("tools"), body.get("tool_choice")),
+        tools=tools,
         tool_calls=tool_calls,
         tool_results=tool_results,
         parallel_tool_calls=parallel is not False,

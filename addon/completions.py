@@ -11,7 +11,7 @@ from typing import Any
 
 from fastapi_poe.types import ProtocolMessage
 
-from addon.chat import Sampling, parse_model, parse_sampling
+from addon.chat import Sampling, bot_for, model_name, parse_sampling
 from addon.errors import bad_request
 from addon.mappings import ModelMap
 
@@ -39,7 +39,7 @@ class CompletionRequest:
 def parse_completion_request(body: object, model_map: ModelMap) -> CompletionRequest:
     if not isinstance(body, dict):
         raise bad_request("The request body must be a JSON object.")
-    model, bot = parse_model(body, model_map)
+    model = model_name(body)
     prompt = body.get("prompt")
     if isinstance(prompt, str):
         prompts = [prompt]
@@ -57,6 +57,7 @@ def parse_completion_request(body: object, model_map: ModelMap) -> CompletionReq
         sampling.max_tokens = DEFAULT_MAX_TOKENS
     if len(prompts) * sampling.n > 20:
         raise bad_request("At most 20 choices (prompts x n) per request.", "prompt")
+    bot = bot_for(model, model_map)  # after every field, as in chat
     return CompletionRequest(model, bot, prompts, bool(body.get("echo")), sampling)
 
 

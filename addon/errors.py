@@ -50,7 +50,8 @@ def invalid_api_key(message: str) -> OpenAIError:
 
 
 def internal_error(message: str = "The proxy failed to answer this request.") -> OpenAIError:
-    return OpenAIError(500, message, "server_error", None)
+    # The same request would fail the same way, after Poe answered (and charged) again.
+    return OpenAIError(500, message, "server_error", None, None, dict(NO_RETRY))
 
 
 @dataclass(frozen=True)
@@ -124,11 +125,12 @@ def _unknown_bot(bot: str, detail: str) -> OpenAIError:
     )
 
 
-def classify_failure(failure: PoeFailure, *, client_key: bool) -> OpenAIError:
+def classify_failure(failure: PoeFailure, *, client_key: bool, key_tag: str = "") -> OpenAIError:
     """Map a Poe failure to the OpenAI error a client expects.
 
     ``client_key`` tells whether the Poe key was the client's own (pass-through): a rejected
-    client key is the client's problem (401); a rejected configured key is the proxy's (502).
+    client key is the client's problem (401); a rejected configured key is the proxy's (502,
+    naming the key by ``key_tag``, its fingerprint).
     """
     if failure.timeout is not None:
         headers = dict(NO_RETRY) if failure.timeout == "total" else {}
@@ -166,9 +168,11 @@ def classify_failure(failure: PoeFailure, *, client_key: bool) -> OpenAIError:
     if status in (401, 403):
         if client_key:
             return invalid_api_key(f"Poe rejected the API key: {detail}")
+        tag = f" {key_tag}" if key_tag else ""
         return OpenAIError(
             502,
-            f"Poe rejected the proxy's configured key: {detail}",
+            f"Poe rejected the proxy's configured key{tag}: {detail}. Set a valid key in "
+            "poe_api_key (or poe_api_key_file).",
             "server_error",
             "poe_key_rejected",
             None,

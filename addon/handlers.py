@@ -18,7 +18,14 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from addon import chat, completions, images, responses
 from addon.config import fingerprint
-from addon.errors import OpenAIError, PoeFailure, classify_failure, not_found
+from addon.errors import (
+    NO_RETRY,
+    OpenAIError,
+    PoeFailure,
+    bad_request,
+    classify_failure,
+    not_found,
+)
 from addon.keys import DEFAULT_COOLDOWN_S, OUT_OF_POINTS_COOLDOWN_S, retry_after_seconds
 from addon.pacing import with_ticks
 from addon.poe import PoeError
@@ -54,13 +61,13 @@ def model_object(name: str) -> dict[str, Any]:
 
 
 async def list_models(service: Service, request: Request) -> Response:
-    service.authenticate(request, need_key=False)
+    service.authenticate(request)  # listing spends nothing: no Poe key is picked
     data = [model_object(name) for name in service.model_map.models]
     return JSONResponse({"object": "list", "data": data})
 
 
 async def get_model(service: Service, request: Request) -> Response:
-    service.authenticate(request, need_key=False)
+    service.authenticate(request)
     name = request.path_params["model"]
     if not service.model_map.is_mapped(name):
         raise not_found(
@@ -97,8 +104,13 @@ class Call:
         self._usage: dict[str, int] | None = None
         self._completion_tokens: int | None = None
 
-    def failure(self, e: PoeError, when: str) -> OpenAIError:
-        err = classify_failure(e.failure, client_key=self.auth.client_key)
+    def classify(self, e: PoeError, key: str | None = None) -> OpenAIError:
+        key = self.auth.poe_key if key is None else key
+        tag = "" if self.auth.client_key else fingerprint(key)
+        return classify_failure(e.failure, client_key=self.auth.client_key, key_tag=tag)
+
+    def failure(self, e: PoeError, when: str, key: str | None = None) -> OpenAIError:
+        err = self.classify(e, key)
         self.info["error"] = f"{err.status} {err.code}: {err.message}"
         if when == "mid-stream":  # the others are counted with their HTTP status
             self.service.stats[f"stream error {err.code}"] += 1
@@ -188,14 +200,16 @@ class Call:
                 return runner
             except PoeError as e:
                 await runner.aclose()
-                err = classify_failure(e.failure, client_key=self.auth.client_key)
+                err = self.classify(e, key)
                 if self.auth.client_key or not self._key_trouble(key, e.failure, err):
-                    raise self.failure(e, "before answering") from None
+                    raise self.failure(e, "before answering", key) from None
                 tried.add(key)
                 following = self.service.pool.pick(exclude=tried)
                 if following is None:
-                    if len(tried) == 1:  # nothing to fail over to: Poe's own answer
-                        raise self.failure(e, "before answering") from None
+                    # Nothing to fail over to, or every key failed in a way that need not
+                    # concern the key (an in-band limit of this bot): Poe's own answer.
+                    if len(tried) == 1 or self.service.pool.any_usable():
+                        raise self.failure(e, "before answering", key) from None
                     logger.info("poe-openai: %s: no Poe key left", self.label)
                     raise self.service.pool.exhausted() from None
                 logger.info(
@@ -304,6 +318,15 @@ async def attach(
     return chat.with_attachments(query, by_message)
 
 
+def one_query_per_choice(query: QueryRequest, n: int) -> list[QueryRequest]:
+    """Each choice is a query of its own, with its own ids (the same ids n times would be one
+    conversation to Poe, answered n times over)."""
+    return [query] + [
+        query.model_copy(update={"message_id": new_id(), "conversation_id": new_id()})
+        for _ in range(n - 1)
+    ]
+
+
 # --- chat completions ------------------------------------------------------------------------
 
 
@@ -312,6 +335,7 @@ async def chat_completions(service: Service, request: Request) -> Response:
     req = chat.parse_chat_request(
         await service.json(request), service.model_map, service.settings.max_file_bytes
     )
+    auth = service.pick_key(auth)  # judged first: a bad request spends no key
     call = Call(service, auth, req.model, req.bot, request)
     counter = call.counter
     try:
@@ -319,11 +343,7 @@ async def chat_completions(service: Service, request: Request) -> Response:
     except PoeError as e:
         raise call.failure(e, "uploading") from None
     sampling = req.sampling
-    # Each choice is a query of its own, with its own ids.
-    queries = [query] + [
-        query.model_copy(update={"message_id": new_id(), "conversation_id": new_id()})
-        for _ in range(sampling.n - 1)
-    ]
+    queries = one_query_per_choice(query, sampling.n)
 
     def make(index: int, events: Any) -> ReplyRunner:
         return ReplyRunner(
@@ -399,6 +419,7 @@ async def chat_completions(service: Service, request: Request) -> Response:
 async def legacy_completions(service: Service, request: Request) -> Response:
     auth = service.authenticate(request)
     req = completions.parse_completion_request(await service.json(request), service.model_map)
+    auth = service.pick_key(auth)
     call = Call(service, auth, req.model, req.bot, request)
     counter = call.counter
     sampling = req.sampling
@@ -486,12 +507,15 @@ def no_image(bot: str, answer: str) -> OpenAIError:
         "(e.g. dall-e-3, FLUX-pro-1.1).",
         "server_error",
         "no_image",
+        None,
+        dict(NO_RETRY),  # the bot answered (and charged); asked again it answers text again
     )
 
 
 async def image_generations(service: Service, request: Request) -> Response:
     auth = service.authenticate(request)
     req = images.parse_image_request(await service.json(request), service.model_map)
+    auth = service.pick_key(auth)
     call = Call(service, auth, req.model, req.bot, request)
     message = ProtocolMessage(role="user", content=req.prompt)
     sampling = chat.Sampling(parameters=images.bot_parameters(req))
@@ -501,7 +525,9 @@ async def image_generations(service: Service, request: Request) -> Response:
     counter = call.counter
     limits = runner_limits(service, req.bot)
     await call.start(
-        [query] * req.n, lambda i, events: ReplyRunner(i, events, counter, **limits), False
+        one_query_per_choice(query, req.n),
+        lambda i, events: ReplyRunner(i, events, counter, **limits),
+        False,
     )
     await call.collect()
     items: list[dict[str, str]] = []
@@ -517,7 +543,10 @@ async def image_generations(service: Service, request: Request) -> Response:
             try:
                 data = await service.poe.download(files[0])
             except PoeError as e:
-                raise call.failure(e, "fetching the image") from None
+                err = call.failure(e, "fetching the image")
+                # The picture was made and paid for: a retry would pay for another.
+                err.headers.update(NO_RETRY)
+                raise err from None
             items.append({"b64_json": base64.b64encode(data).decode()})
         else:
             # The files first: a replacement after an inline image drops its link from the text.
@@ -540,17 +569,19 @@ async def responses_create(service: Service, request: Request) -> Response:
     history: list[dict[str, Any]] = []
     previous = body.get("previous_response_id")
     if previous is not None:
-        stored = service.responses.get(str(previous))
+        if not isinstance(previous, str):
+            raise bad_request("previous_response_id must be a string.", "previous_response_id")
+        stored = service.responses.get(previous, auth.owner)
         if stored is None:
-            raise responses.unknown_response(str(previous))
+            raise responses.unknown_response(previous)
         history = stored.conversation
-    lookup, limit = service.responses.item, service.settings.max_body_bytes
-    conversation = [*history, *responses.input_to_messages(body.get("input"), lookup, limit)]
-    req = chat.parse_chat_request(
-        responses.chat_body(body, history, lookup, limit),
-        service.model_map,
-        service.settings.max_file_bytes,
+    lookup = partial(service.responses.item, owner=auth.owner)
+    limit = service.settings.max_body_bytes
+    req = responses.parse_request(
+        body, history, service.model_map, service.settings.max_file_bytes, lookup, limit
     )
+    conversation = [*history, *responses.input_to_messages(body.get("input"), lookup, limit)]
+    auth = service.pick_key(auth)
     call = Call(service, auth, req.model, req.bot, request)
     counter = call.counter
     try:
@@ -586,7 +617,9 @@ async def responses_create(service: Service, request: Request) -> Response:
                 call.safely(
                     "storing the response",
                     lambda: service.responses.put(
-                        builder.response, [*conversation, builder.conversation_tail()]
+                        builder.response,
+                        [*conversation, builder.conversation_tail()],
+                        auth.owner,
                     ),
                     lambda: None,
                 )
@@ -625,17 +658,17 @@ async def responses_create(service: Service, request: Request) -> Response:
 
 
 async def responses_get(service: Service, request: Request) -> Response:
-    service.authenticate(request, need_key=False)
+    auth = service.authenticate(request)
     response_id = request.path_params["response_id"]
-    stored = service.responses.get(response_id)
+    stored = service.responses.get(response_id, auth.owner)
     if stored is None:
         raise responses.unknown_response(response_id)
     return JSONResponse(stored.response)
 
 
 async def responses_delete(service: Service, request: Request) -> Response:
-    service.authenticate(request, need_key=False)
+    auth = service.authenticate(request)
     response_id = request.path_params["response_id"]
-    if not service.responses.delete(response_id):
+    if not service.responses.delete(response_id, auth.owner):
         raise responses.unknown_response(response_id)
     return JSONResponse({"id": response_id, "object": "response", "deleted": True})

@@ -7,9 +7,9 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from addon.bounds import check_bounds
-from addon.errors import bad_request, not_found
-from addon.mappings import BOT_NAME, ModelMap
+from addon.chat import bot_for, model_name, parse_parameters
+from addon.errors import bad_request
+from addon.mappings import ModelMap
 
 DEFAULT_MODEL = "dall-e-3"
 MAX_IMAGES = 10
@@ -52,12 +52,9 @@ def parse_image_request(body: object, model_map: ModelMap) -> ImageRequest:
     prompt = body.get("prompt")
     if not isinstance(prompt, str) or not prompt.strip():
         raise bad_request("prompt is required.", "prompt")
-    model = body.get("model") or DEFAULT_MODEL
-    if not isinstance(model, str):
-        raise bad_request("model must be a string.", "model")
-    bot = model_map.bot_for(model)
-    if not BOT_NAME.match(bot):
-        raise not_found(f"The model `{model}` does not exist.", "model_not_found")
+    # The same checks as chat (one validation path); only a missing model has a default here.
+    model = body.get("model")
+    model = model_name({"model": DEFAULT_MODEL if model is None else model})
     n = body.get("n", 1)
     if n is None:
         n = 1
@@ -68,21 +65,20 @@ def parse_image_request(body: object, model_map: ModelMap) -> ImageRequest:
         not isinstance(size, str) or (size != "auto" and not aspect_for(size))
     ):
         raise bad_request("size must look like 1024x1024 (or be 'auto').", "size")
-    response_format = body.get("response_format") or "url"
+    response_format = body.get("response_format")
+    if response_format is None:
+        response_format = "url"
     if response_format not in ("url", "b64_json"):
         raise bad_request("response_format must be 'url' or 'b64_json'.", "response_format")
-    parameters = body.get("poe_parameters") or {}
-    if not isinstance(parameters, dict):
-        raise bad_request("poe_parameters must be an object.", "poe_parameters")
-    check_bounds(parameters, "poe_parameters")
+    parameters = parse_parameters(body.get("poe_parameters"))
     return ImageRequest(
         model=model,
-        bot=bot,
+        bot=bot_for(model, model_map),  # after every field, as in chat
         prompt=prompt,
         n=n,
         aspect=aspect_for(size) if isinstance(size, str) else None,
         response_format=response_format,
-        parameters=dict(parameters),
+        parameters=parameters,
     )
 
 

@@ -96,31 +96,53 @@ class KeyPool:
             for s in self.states
         ]
 
-    def exhausted(self) -> OpenAIError:
-        """The answer when no key is usable: a rate limit to wait out, or a hard stop."""
+    def any_usable(self) -> bool:
         now = self.clock()
-        waits = [
-            s.cooling_until - now
-            for s in self.states
-            if not s.rejected and s.cooling_until > now and s.reason == "rate-limited"
-        ]
-        if waits:
-            wait = max(1, math.ceil(min(waits)))
+        return any(self._usable(s, now) for s in self.states)
+
+    def _describe(self, state: KeyState, now: float) -> str:
+        if state.rejected:
+            return f"{state.tag} rejected by Poe"
+        if state.cooling_until <= now:
+            return f"{state.tag} ready"
+        return f"{state.tag} {state.reason}, usable again in {state.cooling_until - now:.0f} s"
+
+    def exhausted(self) -> OpenAIError:
+        """The answer when no key is usable, naming each key's state: a rate limit is worth
+        waiting out (429, retry-after); no points is a stop until they come back (429, no
+        retry); keys Poe rejected are the proxy's configuration to fix (502, no retry)."""
+        now = self.clock()
+        states = ", ".join(self._describe(s, now) for s in self.states)
+        resting = [s for s in self.states if not s.rejected and s.cooling_until > now]
+        limited = [s.cooling_until - now for s in resting if s.reason == "rate-limited"]
+        if limited:
+            wait = max(1, math.ceil(min(limited)))
             return OpenAIError(
                 429,
-                f"Every Poe key of this proxy is rate-limited; try again in {wait} s.",
+                f"Every Poe key of this proxy is resting ({states}); try again in {wait} s.",
                 "requests",
                 "rate_limit_exceeded",
                 None,
                 {"retry-after": str(wait)},
             )
-        ready = self.next_ready_in()
-        when = f" The first is usable again in {ready:.0f} s." if ready else ""
+        rejected = any(s.rejected for s in self.states)
+        fix = " Set valid keys in poe_api_key (or poe_api_key_file)." if rejected else ""
+        if resting:
+            what = "out of points or rejected by Poe" if rejected else "out of points"
+            return OpenAIError(
+                429,
+                f"Every Poe key of this proxy is {what} ({states}).{fix}",
+                "insufficient_quota",
+                "insufficient_quota",
+                None,
+                dict(NO_RETRY),
+            )
         return OpenAIError(
-            429,
-            "Every Poe key of this proxy is rate-limited, out of points or rejected." + when,
-            "insufficient_quota",
-            "insufficient_quota",
+            502,
+            f"Poe rejected every key of this proxy ({states}): set valid keys in poe_api_key "
+            "(or poe_api_key_file) and restart.",
+            "server_error",
+            "poe_key_rejected",
             None,
             dict(NO_RETRY),
         )

@@ -9,7 +9,6 @@ read and a few attribute stores.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import math
 from collections.abc import AsyncIterator, Awaitable
 from typing import Any, TypeVar
@@ -152,8 +151,11 @@ class _Feed:
             self._timer = None
         if not self._pump_task.done():
             self._pump_task.cancel()
-            with contextlib.suppress(BaseException):
-                await self._pump_task
+            # Only the pump's own ending is expected here: the caller's cancellation (the
+            # client left) must go on up, so it is not suppressed.
+            await asyncio.wait([self._pump_task])
+            if not self._pump_task.cancelled():
+                self._pump_task.exception()  # retrieved; the consumer already has what it needs
 
 
 async def with_ticks(source: AsyncIterator[Any], interval: float) -> AsyncIterator[Any]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import logging
 import re
@@ -139,6 +140,12 @@ def _convert(message: Any) -> PoeEvent | None:
     return PoeEvent("text", text=message.text)
 
 
+@dataclass(slots=True)
+class _SharedUpload:
+    task: asyncio.Task[Attachment]
+    waiters: int = 0  # requests waiting for it
+
+
 class PoeClient:
     """One pool of connections to Poe for every request the proxy answers."""
 
@@ -157,8 +164,9 @@ class PoeClient:
         self.upload_url = upload_url
         self.proxy = proxy
         # Clients resend the whole history every turn: upload the same bytes (or URL) once.
-        self._uploaded: OrderedDict[str, Attachment] = OrderedDict()
-        self._uploading: dict[str, asyncio.Future[Attachment]] = {}
+        # By (key digest, content digest): see upload.
+        self._uploaded: OrderedDict[tuple[str, str], Attachment] = OrderedDict()
+        self._uploading: dict[tuple[str, str], _SharedUpload] = {}
         self._finishing: set[asyncio.Task[None]] = set()  # bodies read to the end after done
         # Queries whose response headers arrived (a failure after that is never resent).
         self._answered: weakref.WeakSet[httpx.Request] = weakref.WeakSet()
@@ -254,27 +262,42 @@ class PoeClient:
         return request not in self._answered
 
     async def upload(self, file: FileInput, api_key: str) -> Attachment:
-        """Hand a picture or file to Poe once; later requests reuse the attachment."""
-        key = file.digest
-        cached = self._uploaded.get(key)
+        """Hand a picture or file to Poe once per key; later requests with that key reuse the
+        attachment. Shared only between callers with the same key (another key may be
+        rejected where this one is not), and run in a task of its own, so that one caller
+        leaving never cancels another's wait; the last one leaving stops it."""
+        scope = (
+            hashlib.sha256(api_key.encode("utf-8", "surrogateescape")).hexdigest(),
+            file.digest,
+        )
+        cached = self._uploaded.get(scope)
         if cached is not None:
-            self._uploaded.move_to_end(key)
+            self._uploaded.move_to_end(scope)
             return cached
-        pending = self._uploading.get(key)
-        if pending is not None:
-            return await asyncio.shield(pending)
-        future: asyncio.Future[Attachment] = asyncio.get_running_loop().create_future()
-        self._uploading[key] = future
+        shared = self._uploading.get(scope)
+        if shared is None or shared.task.done():  # (done: it ended before it was filed)
+            task = asyncio.get_running_loop().create_task(self._upload_once(scope, file, api_key))
+            # retrieved: no "never retrieved" warning when every caller left as it failed
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())
+            shared = self._uploading[scope] = _SharedUpload(task)
+        shared.waiters += 1
+        try:
+            return await asyncio.shield(shared.task)
+        finally:
+            shared.waiters -= 1
+            if shared.waiters == 0 and not shared.task.done():
+                shared.task.cancel()  # nobody wants it any more
+
+    async def _upload_once(
+        self, scope: tuple[str, str], file: FileInput, api_key: str
+    ) -> Attachment:
         try:
             attachment = await self._upload(file, api_key)
-        except BaseException as e:
-            future.set_exception(e)
-            future.exception()  # retrieved: no "never retrieved" warning when nobody waits
-            raise
         finally:
-            self._uploading.pop(key, None)
-        future.set_result(attachment)
-        self._uploaded[key] = attachment
+            shared = self._uploading.get(scope)
+            if shared is not None and shared.task is asyncio.current_task():
+                del self._uploading[scope]
+        self._uploaded[scope] = attachment
         while len(self._uploaded) > self.UPLOAD_CACHE_SIZE:
             self._uploaded.popitem(last=False)
         return attachment

@@ -59,7 +59,7 @@ from addon.poe import PoeClient
 from addon.quietlog import OwnStreamNotices
 from addon.routing import is_answered
 from addon.server import LoopbackServer
-from addon.service import Service, body_too_large
+from addon.service import Service
 from addon.status import status as status_report
 
 logger = logging.getLogger(__name__)
@@ -386,6 +386,27 @@ class StoredStream:
         return data
 
 
+class StreamedRequest:
+    """A request stream callable for a body of unknown size (chunked, or HTTP/2 without
+    content-length) or one declared too large: mitmproxy would read it whole before any hook
+    could judge it, so it is streamed to the app, which refuses it (413) the moment it passes
+    poe_max_body_mb. A copy, up to that limit, is kept for the flow view."""
+
+    def __init__(self, flow: http.HTTPFlow, limit: int) -> None:
+        self.flow = flow
+        self.limit = limit
+        self.buffer = bytearray()
+
+    def __call__(self, data: bytes) -> bytes:
+        if data:
+            room = self.limit - len(self.buffer)
+            if room > 0:
+                self.buffer += data[:room]
+        else:  # b"": the end of the body
+            self.flow.request.data.content = bytes(self.buffer)
+        return data
+
+
 class PoeOpenAI:
     def __init__(self) -> None:
         self.settings: Settings | None = None
@@ -621,16 +642,21 @@ class PoeOpenAI:
             path = flow.request.path.split("?", 1)[0]
             refuse(flow, method_not_allowed(flow.request.method, path))
             return
-        size = flow.request.headers.get("content-length", "")
-        if size.isdigit() and int(size) > self.settings.max_body_bytes:
-            # Answer before mitmproxy reads (and buffers) a body this large.
-            refuse(flow, body_too_large(self.settings.max_body_bytes))
-            return
         try:
             secrets = take_secrets(flow)
             assert self.service is not None
             self.service.routed[flow.id] = secrets
             self._route(flow)
+            size = flow.request.headers.get("content-length", "")
+            if not size.isdigit() or int(size) > self.settings.max_body_bytes:
+                # Not read (and buffered) whole here: the app judges the request in order
+                # (auth, then size) and refuses the body the moment it is too large.
+                flow.request.stream = StreamedRequest(flow, self.settings.max_body_bytes)
+                unframed = flow.request.is_http2 or flow.request.is_http3
+                if unframed and not size and "transfer-encoding" not in flow.request.headers:
+                    # HTTP/2 (or 3) without a length: mitmproxy would pass it on to the
+                    # HTTP/1.1 app unframed; chunked framing tells the app where it ends.
+                    flow.request.headers["transfer-encoding"] = "chunked"
         except Exception:
             logger.exception("poe-openai: could not route %s", flow.request.pretty_url)
             flow.response = error_response(internal_error())

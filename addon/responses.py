@@ -7,7 +7,9 @@ so tools, pictures, files, limits and JSON mode behave exactly as in chat comple
 
 from __future__ import annotations
 
+import hmac
 import json
+import re
 import secrets
 import time
 from collections import OrderedDict
@@ -15,7 +17,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from addon.chat import ChatRequest, parse_chat_request
 from addon.errors import OpenAIError, bad_request
+from addon.mappings import ModelMap
 
 # --- request ------------------------------------------------------------------------------------
 
@@ -257,9 +261,18 @@ def _tool_choice(value: object) -> object:
 
 
 def _response_format(text: object) -> dict[str, Any] | None:
-    fmt = text.get("format") if isinstance(text, dict) else None
-    if not isinstance(fmt, dict):
+    if text is None:
         return None
+    if not isinstance(text, dict):  # not silently ignored: the client meant something
+        raise bad_request("text must be an object such as {'format': {'type': 'text'}}.", "text")
+    fmt = text.get("format")
+    if fmt is None:
+        return None
+    if not isinstance(fmt, dict):
+        raise bad_request(
+            "text.format must be an object: {'type': 'text' | 'json_object' | 'json_schema'}.",
+            "text.format",
+        )
     if fmt.get("type") == "json_schema":
         return {
             "type": "json_schema",
@@ -296,6 +309,86 @@ def chat_body(
     return {k: v for k, v in out.items() if v is not None}
 
 
+# Chat fields the rewrite fills, by the Responses field the client sent.
+_FIELD_NAMES = {
+    "max_completion_tokens": "max_output_tokens",
+    "response_format": "text.format",
+}
+_MESSAGE = re.compile(r"messages\[(\d+)\]((?:\.tool_calls\[(\d+)\](?:\.function)?)?)")
+
+
+def _input_origins(items: object, lookup: ItemLookup | None = None) -> list[int]:
+    """For each chat message made from ``input``, the index of the item it starts at. Found
+    by converting ever longer prefixes (only when an error must be named, so the cost of
+    walking prefixes is paid by bad requests alone); several items can make one message."""
+    if not isinstance(items, list):
+        return [0]
+    origins: list[int] = []
+    for j in range(len(items)):
+        made = len(input_to_messages(items[: j + 1], lookup))
+        origins += [j] * (made - len(origins))
+    return origins
+
+
+def in_request_terms(
+    error: OpenAIError,
+    body: dict[str, Any],
+    history: list[dict[str, Any]],
+    lookup: ItemLookup | None = None,
+) -> OpenAIError:
+    """A chat parser's error, naming the field the client sent in its Responses request:
+    ``messages[i]`` becomes ``input[j]`` (or ``instructions``, or ``previous_response_id`` for
+    the stored conversation), ``max_completion_tokens`` becomes ``max_output_tokens``..."""
+    first_input = len(history) + (1 if body.get("instructions") is not None else 0)
+    try:
+        origins = _input_origins(body.get("input"), lookup)
+    except OpenAIError:
+        origins = []
+
+    def rename(match: re.Match[str]) -> str:
+        index = int(match.group(1))
+        if index < len(history):
+            return "previous_response_id"
+        if index < first_input:
+            return "instructions"
+        k = index - first_input
+        if k >= len(origins):
+            return "input"
+        item = origins[k]
+        if match.group(3) is not None:  # a tool call: one function_call item each
+            return f"input[{item + int(match.group(3))}]"
+        return f"input[{item}]"
+
+    def translate(text: str) -> str:
+        text = _MESSAGE.sub(rename, text)
+        text = re.sub(r"(tools\[\d+\])\.function\b", r"\1", text)  # Responses tools are flat
+        for chat_name, name in _FIELD_NAMES.items():
+            text = text.replace(chat_name, name)
+        return re.sub(r"\bmessages\b", "input", text)
+
+    param = None if error.param is None else translate(error.param)
+    return OpenAIError(
+        error.status, translate(error.message), error.type, error.code, param, error.headers
+    )
+
+
+def parse_request(
+    body: dict[str, Any],
+    history: list[dict[str, Any]],
+    model_map: ModelMap,
+    file_limit: int,
+    lookup: ItemLookup | None = None,
+    max_reference_bytes: int = 64 * 1024 * 1024,
+) -> ChatRequest:
+    """Validate a Responses request through the chat parser (one validation path), with its
+    errors in the client's own terms."""
+    try:
+        chat = chat_body(body, history, lookup, max_reference_bytes)
+        return parse_chat_request(chat, model_map, file_limit)
+    except OpenAIError as e:
+        raise in_request_terms(e, body, history, lookup) from None
+
+
 # --- the conversation store ----------------------------------------------------------------------
 
 
@@ -303,6 +396,7 @@ def chat_body(
 class Stored:
     response: dict[str, Any]
     conversation: list[dict[str, Any]]  # chat messages through this response's output
+    owner: str = ""  # who made it (service.owner_of): only they may read or continue it
     at: float = field(default_factory=time.monotonic)
 
 
@@ -313,37 +407,44 @@ class ResponseStore:
         self.max_entries = max_entries
         self.max_age_s = max_age_s
         self._items: OrderedDict[str, Stored] = OrderedDict()
-        self._owners: dict[str, str] = {}  # output item id -> the response that holds it
+        self._holders: dict[str, str] = {}  # output item id -> the response that holds it
 
-    def put(self, response: dict[str, Any], conversation: list[dict[str, Any]]) -> None:
-        self._items[response["id"]] = Stored(response, conversation)
+    def put(
+        self, response: dict[str, Any], conversation: list[dict[str, Any]], owner: str = ""
+    ) -> None:
+        self._items[response["id"]] = Stored(response, conversation, owner)
         self._items.move_to_end(response["id"])
         for item in response.get("output") or []:
-            self._owners[item["id"]] = response["id"]
+            self._holders[item["id"]] = response["id"]
         self._expire()
 
-    def get(self, response_id: str) -> Stored | None:
+    def get(self, response_id: str, owner: str = "") -> Stored | None:
+        """The stored response, if ``owner`` made it; another caller's is as good as unknown
+        (not even its existence is told)."""
         self._expire()
-        return self._items.get(response_id)
+        stored = self._items.get(response_id)
+        if stored is None or not hmac.compare_digest(stored.owner, owner):
+            return None
+        return stored
 
-    def item(self, item_id: str) -> dict[str, Any] | None:
-        """An output item of a stored response, for ``item_reference`` input items."""
-        self._expire()
-        stored = self._items.get(self._owners.get(item_id, ""))
+    def item(self, item_id: str, owner: str = "") -> dict[str, Any] | None:
+        """An output item of a stored response ``owner`` made, for ``item_reference`` input."""
+        stored = self.get(self._holders.get(item_id, ""), owner)
         if stored is None:
             return None
         return next((i for i in stored.response["output"] if i["id"] == item_id), None)
 
-    def delete(self, response_id: str) -> bool:
-        self._expire()
-        stored = self._items.pop(response_id, None)
-        if stored is not None:
-            self._forget(stored)
-        return stored is not None
+    def delete(self, response_id: str, owner: str = "") -> bool:
+        stored = self.get(response_id, owner)
+        if stored is None:
+            return False
+        del self._items[response_id]
+        self._forget(stored)
+        return True
 
     def _forget(self, stored: Stored) -> None:
         for item in stored.response.get("output") or []:
-            self._owners.pop(item["id"], None)
+            self._holders.pop(item["id"], None)
 
     def __len__(self) -> int:
         return len(self._items)

@@ -16,7 +16,7 @@ from typing import Any
 
 from addon.chat import ChatReply
 from addon.config import Timeouts
-from addon.errors import OpenAIError, PoeFailure
+from addon.errors import NO_RETRY, OpenAIError, PoeFailure
 from addon.limits import StopFilter, TokenLimit, clean_json
 from addon.pacing import Watchdog
 from addon.poe import PoeError, PoeEvent
@@ -38,6 +38,8 @@ def invalid_json(text: str) -> OpenAIError:
         f"The bot did not answer with valid JSON (response_format asked for it): {text[:200]!r}",
         "server_error",
         "invalid_json_output",
+        None,
+        dict(NO_RETRY),  # Poe answered (and charged); a retry would pay for the same bot again
     )
 
 

@@ -4,6 +4,7 @@ HTTP helpers (JSON bodies, OpenAI error responses, SSE framing)."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import hmac
 import json
 import re
@@ -33,8 +34,11 @@ SSE_DONE = b"data: [DONE]\n\n"
 
 @dataclass
 class Auth:
-    poe_key: str
+    poe_key: str  # "" until a configured key is picked (see Service.pick_key)
     client_key: bool  # the client's own key is the Poe key (pass-through)
+    # Who asked, as a digest of their key or token ("" when the proxy knows no callers):
+    # what a caller stores (Responses) is theirs alone.
+    owner: str = ""
 
 
 @dataclass
@@ -78,9 +82,9 @@ class Service:
     async def json(self, request: Request) -> dict[str, Any]:
         return await json_body(request, self.settings.max_body_bytes)
 
-    def authenticate(self, request: Request, need_key: bool = True) -> Auth:
-        """Check the client's key or token; pick the Poe key (unless ``need_key`` is False:
-        listing models spends nothing, so it needs no Poe key)."""
+    def authenticate(self, request: Request) -> Auth:
+        """Check the client's key or token. No Poe key is picked here: a request is judged
+        (body, fields, model) before a key is spent on it; see pick_key."""
         presented = client_key(self.secret_headers(request))
         if self.settings.access_tokens:
             if presented is None:
@@ -95,16 +99,21 @@ class Service:
                 raise invalid_api_key(
                     "Incorrect API key provided: this proxy expects one of its access tokens."
                 )
-        elif not self.settings.api_keys:
+            return Auth("", client_key=False, owner=owner_of(presented))
+        if not self.settings.api_keys:
             if presented is None:
                 raise missing_key()
-            return Auth(presented, client_key=True)
-        if not need_key:
-            return Auth("", client_key=False)
+            return Auth(presented, client_key=True, owner=owner_of(presented))
+        return Auth("", client_key=False)
+
+    def pick_key(self, auth: Auth) -> Auth:
+        """The Poe key that answers: the client's own, or the next usable configured one."""
+        if auth.client_key:
+            return auth
         key = self.pool.pick()
         if key is None:
             raise self.pool.exhausted()
-        return Auth(key, client_key=False)
+        return Auth(key, client_key=False, owner=auth.owner)
 
     def secret_headers(self, request: Request) -> Mapping[str, str]:
         flow_id = request.headers.get(FLOW_HEADER)
@@ -146,6 +155,11 @@ def client_key(headers: Mapping[str, str]) -> str | None:
         return value.strip()
     api_key = headers.get("api-key", "").strip() or headers.get("x-api-key", "").strip()
     return api_key or None  # Azure-style and Anthropic-style clients
+
+
+def owner_of(secret: str) -> str:
+    """A caller's identity for what they store: a full digest, never the secret itself."""
+    return hashlib.sha256(secret.encode("utf-8", "surrogateescape")).hexdigest()
 
 
 def missing_key() -> OpenAIError:
@@ -198,10 +212,24 @@ def body_too_large(limit: int) -> OpenAIError:
     )
 
 
-async def json_body(request: Request, limit: int = MAX_BODY) -> dict[str, Any]:
-    raw = await request.body()
-    if len(raw) > limit:
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, refused with 413 as soon as it passes ``limit``: a chunked (or HTTP/2) body
+    has no content-length to check first, and must not be read whole before it is judged."""
+    size = request.headers.get("content-length", "")
+    if size.isdigit() and int(size) > limit:
         raise body_too_large(limit)
+    chunks: list[bytes] = []
+    received = 0
+    async for chunk in request.stream():
+        received += len(chunk)
+        if received > limit:
+            raise body_too_large(limit)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def json_body(request: Request, limit: int = MAX_BODY) -> dict[str, Any]:
+    raw = await read_body(request, limit)
     if not raw.strip():
         raise bad_request("The request body is empty; send a JSON object.")
     try:

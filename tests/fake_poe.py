@@ -374,6 +374,7 @@ class FakePoe:
         )
         self._files: dict[str, tuple[bytes, str]] = {}
         self.downloads: list[str] = []
+        self.upload_delay = 0.0  # seconds each upload takes (for uploads that overlap)
 
     def host_file(self, name: str, data: bytes, content_type: str) -> str:
         """Serve bytes as Poe's CDN would serve a file a bot made; returns its URL."""
@@ -673,6 +674,8 @@ class FakePoe:
         )
         with self._lock:
             self.uploads.append(rec)
+        if self.upload_delay:
+            await asyncio.sleep(self.upload_delay)
 
         if not self._key_ok(key):
             rec.status = 401
