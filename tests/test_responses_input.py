@@ -210,14 +210,14 @@ def test_store_item_index_follows_eviction_delete_and_10000_puts() -> None:
     for n in range(10_000):
         store.put(response(n), [])
     assert len(store) == 100
-    assert len(store._owners) == 200  # the index is bounded with the store
+    assert len(store._holders) == 200  # the index is bounded with the store
     assert store.item("msg_0") is None and store.item("fc_9899") is None
     assert store.item("fc_9999") == {"id": "fc_9999", "type": "function_call"}
     assert store.delete("resp_9999")
-    assert store.item("msg_9999") is None and len(store._owners) == 198
+    assert store.item("msg_9999") is None and len(store._holders) == 198
     aged = ResponseStore(max_age_s=0)
     aged.put(response(1), [])
-    assert aged.item("msg_1") is None and not aged._owners
+    assert aged.item("msg_1") is None and not aged._holders
 
 
 # --- end to end: the SDK -> mitmdump -> stand-in Poe -------------------------------------------
