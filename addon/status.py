@@ -36,6 +36,8 @@ def status(service: Service) -> dict[str, Any]:
         "counts": dict(sorted(service.stats.items())),
         "in_flight": len(service.running),
         "awaiting_app": len(service.routed),
+        "flow_views_pending": len(service.flow_info),
+        "cancelling": len(service.gone),
         "responses_stored": len(service.responses),
         "uploads_cached": len(service.poe._uploaded),
         "asyncio_tasks": len(all_tasks),
