@@ -81,6 +81,12 @@ async def preflight(client: httpx.AsyncClient, i: int) -> None:
     assert response.headers["access-control-allow-origin"] == "*"
 
 
+async def options(client: httpx.AsyncClient, i: int) -> None:
+    """OPTIONS that is no CORS preflight (no Origin): the app's own catch-all answers it."""
+    response = await client.options(f"/v1/{uuid.uuid4().hex}")
+    assert response.status_code == 204, response.text
+
+
 async def unknown_path(client: httpx.AsyncClient, i: int) -> None:
     response = await client.get(f"/v1/no-such-thing/{uuid.uuid4().hex}")
     assert response.status_code == 404, response.text
@@ -116,13 +122,24 @@ def answered(bot: str, stream: bool) -> Send:
     return send
 
 
-def stored(bot: str) -> Send:
+def stored(bot: str, ids: list[str]) -> Send:
     """A Responses API answer, kept for previous_response_id (the store is capped)."""
 
     async def send(client: httpx.AsyncClient, i: int) -> None:
         response = await client.post("/v1/responses", json={"model": bot, "input": "hi"})
         assert response.status_code == 200, response.text
         assert b"soaked" in response.content
+        ids.append(response.json()["id"])
+
+    return send
+
+
+def get_stored(ids: list[str]) -> Send:
+    """GET of the responses still stored (each id its own URL)."""
+
+    async def send(client: httpx.AsyncClient, i: int) -> None:
+        response = await client.get(f"/v1/responses/{ids[-1 - i % 50]}")
+        assert response.status_code == 200, response.text
 
     return send
 
@@ -242,7 +259,14 @@ def soaked_bot(fake_poe: FakePoe) -> str:
     return bot
 
 
-MITMDUMP_KINDS = ["preflight", "unknown_path", "stored_response", "flow_header", "bad_json"]
+MITMDUMP_KINDS = [
+    "preflight",
+    "options",
+    "unknown_path",
+    "stored_response",
+    "flow_header",
+    "bad_json",
+]
 
 
 @pytest.mark.parametrize("kind", MITMDUMP_KINDS)
@@ -311,9 +335,11 @@ def test_plain_server_state_stays_bounded(fake_poe: FakePoe) -> None:
             service.load_tokenizer()
             await service.tokenizer_loaded()
             baseline = read()
-            cheap = [preflight, unknown_path, stored_response, bad_json]
+            ids: list[str] = []
+            cheap = [preflight, options, unknown_path, stored_response, bad_json]
             to_poe = [flow_header, answered(bot, stream=False), answered(bot, stream=True)]
-            runs = [*((s, N) for s in cheap), *((s, N_SLOW) for s in to_poe), (stored(bot), 300)]
+            runs = [*((s, N) for s in cheap), *((s, N_SLOW) for s in to_poe)]
+            runs += [(stored(bot, ids), 300), (get_stored(ids), N)]
             for send, count in runs:
                 seconds = await flood(client, send, count)
                 print(f"{getattr(send, '__name__', send)}: {count} in {seconds:.1f} s")
