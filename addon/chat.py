@@ -20,7 +20,7 @@ from fastapi_poe.types import (
 
 from addon.answer import AnswerStream
 from addon.bounds import check_bounds
-from addon.errors import OpenAIError, bad_request, not_found
+from addon.errors import bad_request, not_found
 from addon.files import FileInput, file_part, image_part
 from addon.limits import json_instruction
 from addon.mappings import BOT_NAME, ModelMap
@@ -483,11 +483,6 @@ class ChunkFactory:
 
     def usage(self, usage_: dict[str, int]) -> dict[str, Any]:
         return self._chunk([], usage_)
-
-
-def openai_error_chunk(error: OpenAIError) -> dict[str, Any]:
-    """The SSE event that tells a client a stream failed after it began."""
-    return error.body()
 
 
 class ChatReply:

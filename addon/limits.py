@@ -77,10 +77,6 @@ class TokenLimit:
         self._sent.append(text)
         return text
 
-    @property
-    def sent(self) -> str:
-        return str(self._sent)
-
 
 FENCE = re.compile(r"^\s*```[\w-]*\s*\n(.*?)\n?```\s*$", re.S)
 

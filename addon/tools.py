@@ -195,7 +195,7 @@ class ToolCallAssembler:
 
     Poe's chunks are passed through but normalised: indexes from 0 without gaps, the first delta
     of each call carries id, type and function.name, every delta a ``function`` object. With
-    ``parallel`` false only the first call reaches the client.
+    ``parallel`` false only the first call is kept: later ones are never recorded.
     """
 
     parallel: bool = True
@@ -232,8 +232,6 @@ class ToolCallAssembler:
             self.calls[poe_index] = call
         elif call.name is None and isinstance(fn.get("name"), str):
             call.name = fn["name"]
-        if call.index > 0 and not self.parallel:
-            return []
         call.arguments += args
         if call.name is None:
             call.pending += args  # announce once the name is known
@@ -260,5 +258,5 @@ class ToolCallAssembler:
                 "function": {"name": c.name, "arguments": c.arguments},
             }
             for c in sorted(self.calls.values(), key=lambda c: c.index)
-            if c.name is not None and (self.parallel or c.index == 0)
+            if c.name is not None
         ]
