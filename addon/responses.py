@@ -170,19 +170,45 @@ class Stored:
     response: dict[str, Any]
     conversation: list[dict[str, Any]]  # chat messages through this response's output
     at: float = field(default_factory=time.monotonic)
+    size: int = 0  # about the bytes it holds (see weight)
+
+
+def weight(value: Any) -> int:
+    """About the bytes a stored value holds: its strings' lengths (pictures travel as data:
+    URLs), 8 for anything else. Iterative: a value of any depth."""
+    total, stack = 0, [value]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, str):
+            total += len(node)
+        elif isinstance(node, dict):
+            stack.extend(node.keys())
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+        else:
+            total += 8
+    return total
 
 
 class ResponseStore:
-    """Earlier responses, bounded by count and age, for ``previous_response_id`` and GET."""
+    """Earlier responses, bounded by count, age and bytes, for ``previous_response_id`` and
+    GET. The bytes bound matters: each conversation may hold a whole request body's pictures."""
 
-    def __init__(self, max_entries: int = 1000, max_age_s: float = 3600) -> None:
+    def __init__(
+        self, max_entries: int = 1000, max_age_s: float = 3600, max_bytes: int = 256 * 2**20
+    ) -> None:
         self.max_entries = max_entries
         self.max_age_s = max_age_s
+        self.max_bytes = max_bytes
+        self.bytes = 0
         self._items: OrderedDict[str, Stored] = OrderedDict()
 
     def put(self, response: dict[str, Any], conversation: list[dict[str, Any]]) -> None:
-        self._items[response["id"]] = Stored(response, conversation)
-        self._items.move_to_end(response["id"])
+        self.delete(response["id"])
+        stored = Stored(response, conversation, size=weight(response) + weight(conversation))
+        self._items[response["id"]] = stored
+        self.bytes += stored.size
         self._expire()
 
     def get(self, response_id: str) -> Stored | None:
@@ -191,7 +217,11 @@ class ResponseStore:
 
     def delete(self, response_id: str) -> bool:
         self._expire()
-        return self._items.pop(response_id, None) is not None
+        stored = self._items.pop(response_id, None)
+        if stored is None:
+            return False
+        self.bytes -= stored.size
+        return True
 
     def __len__(self) -> int:
         return len(self._items)
@@ -199,9 +229,11 @@ class ResponseStore:
     def _expire(self) -> None:
         cutoff = time.monotonic() - self.max_age_s
         while self._items and (
-            len(self._items) > self.max_entries or next(iter(self._items.values())).at < cutoff
+            len(self._items) > self.max_entries
+            or self.bytes > self.max_bytes
+            or next(iter(self._items.values())).at < cutoff
         ):
-            self._items.popitem(last=False)
+            self.bytes -= self._items.popitem(last=False)[1].size
 
 
 def unknown_response(response_id: str) -> OpenAIError:

@@ -39,6 +39,7 @@ def status(service: Service) -> dict[str, Any]:
         "flow_views_pending": len(service.flow_info),
         "cancelling": len(service.gone),
         "responses_stored": len(service.responses),
+        "responses_stored_mb": round(service.responses.bytes / 2**20, 1),
         "uploads_cached": len(service.poe._uploaded),
         "asyncio_tasks": len(all_tasks),
         "asyncio_task_kinds": dict(kinds.most_common(5)),

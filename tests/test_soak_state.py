@@ -360,3 +360,37 @@ def test_fingerprint_keeps_no_reference_to_the_secret() -> None:
     tag = fingerprint(secret)
     assert sys.getrefcount(secret) == before
     assert tag == fingerprint("sk-" + secret[3:]) and tag.startswith("key#")
+
+
+def test_response_store_is_bounded_in_bytes_too(fake_poe: FakePoe) -> None:
+    """Each stored conversation can hold a whole request body (pictures as data: URLs): a
+    count bound alone would let 1,000 of them hold gigabytes."""
+    bot = soaked_bot(fake_poe)
+    app = create(
+        {
+            "POE_API_KEY": POE_KEY,
+            "POE_BASE_URL": fake_poe.base_url,
+            "POE_UPLOAD_URL": fake_poe.upload_url,
+        }
+    )
+    service = app.state.service
+    service.responses.max_bytes = 2 * 2**20
+    page = "log line " * 25_000  # 225 KB of input
+
+    async def send(client: httpx.AsyncClient, i: int) -> None:
+        response = await client.post("/v1/responses", json={"model": bot, "input": page})
+        assert response.status_code == 200, response.text
+
+    async def main() -> None:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(
+            transport=transport, base_url="http://test", headers={"authorization": "Bearer x"}
+        ) as client:
+            await flood(client, send, 100)
+        state = status_report(service)
+        print(json.dumps(state))
+        assert 0 < state["responses_stored_mb"] <= 2, state
+        assert 5 <= state["responses_stored"] < 10, state  # the newest that fit
+        await service.poe.aclose()
+
+    asyncio.run(main())
