@@ -31,11 +31,12 @@ MB = 1024 * 1024
 BODY_LIMIT = 1 * MB  # poe_max_body_mb=1 (small_body below)
 FILE_LIMIT = 1 * MB  # poe_max_file_mb=1 (the session's proxy)
 EDGES = {"under": -1, "at": 0, "over": 1}
+STORE_SIZE = 3  # poe_response_store_size (small_body)
 
 
 @pytest.fixture(scope="module")
 def small_body(fake_poe: FakePoe) -> Iterator[Mitmdump]:
-    opts = poe_options(fake_poe, poe_max_body_mb="1")
+    opts = poe_options(fake_poe, poe_max_body_mb="1", poe_response_store_size=str(STORE_SIZE))
     with Mitmdump(options=opts, env={"POE_API_KEY": POE_KEY}, regular=False) as m:
         yield m
 
@@ -193,6 +194,44 @@ def test_file_size_at_under_and_over_the_limit(
         answered(response, stream)
         (query,) = fake_poe.requests_for(bot)
         assert query.query is not None and len(query.query.query[-1].attachments) == 1
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+@pytest.mark.parametrize("edge", list(EDGES))
+def test_responses_api_file_size_at_under_and_over(
+    proxy: Mitmdump, fake_poe: FakePoe, bot: str, edge: str, stream: bool
+) -> None:
+    fake_poe.script(bot, [text("ok")])
+    data = b"\xff" * (FILE_LIMIT + EDGES[edge])
+    url = "data:image/png;base64," + base64.b64encode(data).decode()
+    content = [{"type": "input_text", "text": "what?"}, {"type": "input_image", "image_url": url}]
+    body = {"model": bot, "input": [{"role": "user", "content": content}], "stream": stream}
+    response = post(proxy, "/v1/responses", body)
+    if edge == "over":
+        assert response.status_code == 413, response.text[:300]
+        assert response.json()["error"]["code"] == "file_too_large"
+        assert fake_poe.requests_for(bot) == []
+    else:
+        assert response.status_code == 200, response.text[:300]
+        assert "ok" in response.text
+        assert len(fake_poe.requests_for(bot)) == 1
+
+
+# --- the response store: poe_response_store_size ------------------------------------------------
+
+
+def test_response_store_keeps_exactly_its_size(
+    small_body: Mitmdump, fake_poe: FakePoe, bot: str
+) -> None:
+    fake_poe.script(bot, [text("ok")])
+    made = []
+    for _ in range(STORE_SIZE + 1):
+        response = post(small_body, "/v1/responses", {"model": bot, "input": "hi"})
+        assert response.status_code == 200, response.text[:300]
+        made.append(response.json()["id"])
+    with small_body.http() as client:
+        statuses = [client.get(f"/v1/responses/{i}").status_code for i in made]
+    assert statuses == [404] + [200] * STORE_SIZE  # the oldest made room for the newest
 
 
 # --- tool schemas and poe_parameters: depth and size (addon/bounds.py) -----------------------
