@@ -8,6 +8,7 @@ Bulk requests go out over raw asyncio httpx clients (the openai SDK would domina
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import os
 import sys
@@ -139,6 +140,19 @@ def get_stored(ids: list[str]) -> Send:
 
     async def send(client: httpx.AsyncClient, i: int) -> None:
         response = await client.get(f"/v1/responses/{ids[-1 - i % 50]}")
+        assert response.status_code == 200, response.text
+
+    return send
+
+
+def picture(bot: str) -> Send:
+    """A different picture each time: an upload each (the upload cache is capped)."""
+
+    async def send(client: httpx.AsyncClient, i: int) -> None:
+        url = "data:image/png;base64," + base64.b64encode(uuid.uuid4().bytes).decode()
+        content = [{"type": "image_url", "image_url": {"url": url}}]
+        body = {"model": bot, "messages": [{"role": "user", "content": content}]}
+        response = await client.post(CHAT, json=body)
         assert response.status_code == 200, response.text
 
     return send
@@ -323,6 +337,7 @@ def test_plain_server_state_stays_bounded(fake_poe: FakePoe) -> None:
     )
     service = app.state.service
     service.responses.max_entries = 50
+    service.poe.UPLOAD_CACHE_SIZE = 20
 
     def read() -> dict[str, Any]:
         return status_report(service)
@@ -339,7 +354,7 @@ def test_plain_server_state_stays_bounded(fake_poe: FakePoe) -> None:
             cheap = [preflight, options, unknown_path, stored_response, bad_json]
             to_poe = [flow_header, answered(bot, stream=False), answered(bot, stream=True)]
             runs = [*((s, N) for s in cheap), *((s, N_SLOW) for s in to_poe)]
-            runs += [(stored(bot, ids), 300), (get_stored(ids), N)]
+            runs += [(stored(bot, ids), 300), (get_stored(ids), N), (picture(bot), 100)]
             for send, count in runs:
                 seconds = await flood(client, send, count)
                 print(f"{getattr(send, '__name__', send)}: {count} in {seconds:.1f} s")
@@ -347,6 +362,7 @@ def test_plain_server_state_stays_bounded(fake_poe: FakePoe) -> None:
             state = read()
             print(json.dumps(state))
             assert not service.flow_info and not service.routed and not service.running
+            assert state["uploads_cached"] == 20 and not service.poe._uploading
             assert_bounded(state, baseline)
         await service.poe.aclose()
 
