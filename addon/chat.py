@@ -194,12 +194,17 @@ def parse_messages(
     return history, files, latest_calls, latest_results
 
 
+MAX_STOP = 4  # OpenAI's bound; each one is looked for in every piece of the answer
+
+
 def _stop(value: object) -> list[str]:
     if value is None:
         return []
     if isinstance(value, str):
         return [value]
     if isinstance(value, list) and all(isinstance(s, str) for s in value):
+        if len(value) > MAX_STOP:
+            raise bad_request(f"stop takes at most {MAX_STOP} sequences.", "stop")
         return list(value)
     raise bad_request("stop must be a string or an array of strings.", "stop")
 

@@ -24,7 +24,7 @@ from fake_poe import FakePoe, file, text
 from harness import Mitmdump
 
 from addon.bounds import MAX_DEPTH, MAX_NODES
-from addon.chat import MAX_CHOICES
+from addon.chat import MAX_CHOICES, MAX_STOP
 from addon.images import MAX_IMAGES
 
 MB = 1024 * 1024
@@ -432,3 +432,30 @@ def test_images_n_at_its_bounds(proxy: Mitmdump, fake_poe: FakePoe, bot: str, n:
         assert response.status_code == 200, response.text[:300]
         assert len(response.json()["data"]) == n
         assert len(fake_poe.requests_for(bot)) == n
+
+
+# --- stop: at most four sequences, as OpenAI ----------------------------------------------------
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
+@pytest.mark.parametrize("count", [MAX_STOP - 1, MAX_STOP, MAX_STOP + 1, 100_000])
+def test_stop_sequences_at_their_bound(
+    proxy: Mitmdump, fake_poe: FakePoe, bot: str, path: str, count: int, stream: bool
+) -> None:
+    """Each stop sequence is looked for in every piece of the answer, on the event loop all
+    streams share: 10,000 of them took ~70 ms a piece, stalling every other client."""
+    fake_poe.script(bot, [text("ok"), text(" then STOP here")])
+    stops = [f"STOP{i}" for i in range(count - 1)] + ["STOP"]
+    body: dict[str, Any] = {"model": bot, "stop": stops, "stream": stream}
+    if path == "/v1/completions":
+        body["prompt"] = "hi"
+    else:
+        body["messages"] = [{"role": "user", "content": "hi"}]
+    response = post(proxy, path, body)
+    if count > MAX_STOP:
+        refused(response, 400, "stop", None)
+        assert fake_poe.requests_for(bot) == []
+    else:
+        answered(response, stream, says=" then ")
+        assert "here" not in response.text  # cut at the stop sequence
