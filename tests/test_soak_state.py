@@ -20,7 +20,7 @@ from typing import Any
 import httpx
 import pytest
 from conftest import POE_KEY, poe_options
-from fake_poe import FakePoe, sleep, text
+from fake_poe import FakePoe, error, sleep, text
 from harness import Mitmdump
 
 from addon.config import fingerprint
@@ -141,6 +141,20 @@ def get_stored(ids: list[str]) -> Send:
     async def send(client: httpx.AsyncClient, i: int) -> None:
         response = await client.get(f"/v1/responses/{ids[-1 - i % 50]}")
         assert response.status_code == 200, response.text
+
+    return send
+
+
+def failing(bot: str) -> Send:
+    """Poe fails the query (in-band error after the stream began): a 5xx for the client."""
+
+    async def send(client: httpx.AsyncClient, i: int) -> None:
+        response = await client.post(CHAT, json=chat(bot, stream=i % 2 == 1))
+        if i % 2:  # a stream: the error arrives in it
+            assert response.status_code in (200, 502), response.text
+            assert b'"error"' in response.content
+        else:
+            assert response.status_code == 502, response.text
 
     return send
 
@@ -328,6 +342,8 @@ def test_mitmdump_many_client_keys_stay_bounded(
 def test_plain_server_state_stays_bounded(fake_poe: FakePoe) -> None:
     bot = soaked_bot(fake_poe)
     fake_poe.script(SOAK_BOT, [text("soaked")])
+    broken = "Soak-broken-" + uuid.uuid4().hex[:8]
+    fake_poe.script(broken, [error("Internal server error", allow_retry=False)])
     app = create(
         {
             "POE_API_KEY": POE_KEY,
@@ -355,6 +371,7 @@ def test_plain_server_state_stays_bounded(fake_poe: FakePoe) -> None:
             to_poe = [flow_header, answered(bot, stream=False), answered(bot, stream=True)]
             runs = [*((s, N) for s in cheap), *((s, N_SLOW) for s in to_poe)]
             runs += [(stored(bot, ids), 300), (get_stored(ids), N), (picture(bot), 100)]
+            runs += [(failing(broken), N_SLOW)]
             for send, count in runs:
                 seconds = await flood(client, send, count)
                 print(f"{getattr(send, '__name__', send)}: {count} in {seconds:.1f} s")
