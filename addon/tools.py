@@ -33,6 +33,9 @@ from addon.bounds import MAX_NODES, check_bounds, too_big
 from addon.errors import bad_request
 
 MAX_REF_DEPTH = 8
+# OpenAI's bound. Each tool becomes a pydantic model on the event loop every stream shares:
+# 100,000 tools (10 MB) took 7 s to parse, stalling every other client meanwhile.
+MAX_TOOLS = 128
 
 
 def _inline_refs(params: dict[str, Any], defs: dict[str, Any], param: str) -> Any:
@@ -76,6 +79,8 @@ def parse_tools(tools: object, tool_choice: object) -> list[ToolDefinition] | No
         return None
     if not isinstance(tools, list):
         raise bad_request("tools must be an array of tool objects.", "tools")
+    if len(tools) > MAX_TOOLS:
+        raise bad_request(f"tools takes at most {MAX_TOOLS} tools.", "tools")
     out: list[ToolDefinition] = []
     for i, tool in enumerate(tools):
         where = f"tools[{i}]"

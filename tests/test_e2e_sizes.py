@@ -26,6 +26,7 @@ from harness import Mitmdump
 from addon.bounds import MAX_DEPTH, MAX_NODES
 from addon.chat import MAX_CHOICES, MAX_STOP
 from addon.images import MAX_IMAGES
+from addon.tools import MAX_TOOLS
 
 MB = 1024 * 1024
 BODY_LIMIT = 1 * MB  # poe_max_body_mb=1 (small_body below)
@@ -459,3 +460,29 @@ def test_stop_sequences_at_their_bound(
     else:
         answered(response, stream, says=" then ")
         assert "here" not in response.text  # cut at the stop sequence
+
+
+# --- tools: at most 128, as OpenAI ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+@pytest.mark.parametrize("count", [MAX_TOOLS - 1, MAX_TOOLS, MAX_TOOLS + 1, 100_000])
+def test_tool_count_at_its_bound(
+    proxy: Mitmdump, fake_poe: FakePoe, bot: str, count: int, stream: bool
+) -> None:
+    fake_poe.script(bot, [text("ok")])
+    parameters = {"type": "object", "properties": {"city": {"type": "string"}}}
+    tools = [
+        {"type": "function", "function": {"name": f"f{i}", "parameters": parameters}}
+        for i in range(count)
+    ]
+    started = time.monotonic()
+    response = post(proxy, "/v1/chat/completions", chat(bot, stream=stream, tools=tools))
+    if count > MAX_TOOLS:
+        refused(response, 400, "tools", None)
+        assert time.monotonic() - started < 5
+        assert fake_poe.requests_for(bot) == []
+    else:
+        answered(response, stream)
+        (query,) = fake_poe.requests_for(bot)
+        assert len(query.body["tools"]) == count
