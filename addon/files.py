@@ -56,8 +56,10 @@ def from_data_url(url: str, where: str, limit: int, name: str | None = None) -> 
         raise bad_request(f"{where}: expected a base64 data: URL.", where, "invalid_data_url")
     mime = match.group(1) or "application/octet-stream"
     payload = match.group(4)
-    if len(payload) * 3 // 4 > limit:
-        raise too_large(where, len(payload) * 3 // 4, limit)
+    # the decoded size, without decoding: padding ("=") carries no bytes
+    size = len(payload) * 3 // 4 - (2 if payload.endswith("==") else payload.endswith("="))
+    if size > limit:
+        raise too_large(where, size, limit)
     try:
         data = base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError):

@@ -30,7 +30,7 @@ from addon.keys import DEFAULT_COOLDOWN_S, OUT_OF_POINTS_COOLDOWN_S, retry_after
 from addon.pacing import with_ticks
 from addon.poe import PoeError
 from addon.runner import Piece, ReplyRunner, merge
-from addon.service import FLOW_HEADER, SSE_DONE, Auth, Service, TextEvents, new_id, sse
+from addon.service import SSE_DONE, Auth, Service, TextEvents, new_id, sse
 from addon.tokens import TokenCounter, estimate
 
 T = TypeVar("T")
@@ -95,7 +95,7 @@ class Call:
         self.started = time.monotonic()
         # What mitmproxy shows about this flow (comment, Poe query view): see poe_openai.py.
         self.info: dict[str, Any] = {"bot": bot, "key": fingerprint(auth.poe_key)}
-        flow_id = request.headers.get(FLOW_HEADER)
+        flow_id = service.flow_id(request)
         if flow_id:
             service.flow_info[flow_id] = self.info
         self.runners: list[ReplyRunner] = []
@@ -274,7 +274,7 @@ class Call:
     def stream(
         self, request: Request, body: Callable[[], AsyncIterator[bytes]]
     ) -> StreamingResponse:
-        flow_id = request.headers.get(FLOW_HEADER)
+        flow_id = self.service.flow_id(request)
 
         async def tracked() -> AsyncIterator[bytes]:
             self.service.track(flow_id)

@@ -38,9 +38,6 @@ class KeyPool:
         self.clock = clock
         self._turn = 0
 
-    def __bool__(self) -> bool:
-        return bool(self.states)
-
     def _usable(self, state: KeyState, now: float) -> bool:
         return not state.rejected and state.cooling_until <= now
 

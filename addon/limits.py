@@ -81,10 +81,6 @@ class TokenLimit:
         self._sent.append(text)
         return text
 
-    @property
-    def sent(self) -> str:
-        return str(self._sent)
-
 
 # Each start tried costs a parse up to where it fails (deeply nested openers nest the parser)
 # and a schema check: bounded so that an answer made of brackets cannot hold the event loop.

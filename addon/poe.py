@@ -18,7 +18,7 @@ import re
 import weakref
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import httpx
@@ -42,7 +42,7 @@ logging.getLogger("httpx").setLevel(logging.WARNING)
 # each formatted and passed to every addon's log hook (a quarter of the CPU per request).
 logging.getLogger("httpcore").setLevel(logging.WARNING)
 
-EventKind = Literal["text", "replace", "file", "suggested", "meta", "data", "tool_calls"]
+EventKind = Literal["text", "replace", "file", "suggested", "meta", "data"]
 
 
 @dataclass(slots=True)
@@ -51,7 +51,6 @@ class PoeEvent:
     text: str = ""
     attachment: Attachment | None = None
     data: dict[str, Any] | None = None
-    tool_calls: list[Any] | None = field(default=None)
 
 
 class PoeError(Exception):
@@ -131,8 +130,6 @@ def _convert(message: Any) -> PoeEvent | None:
         return PoeEvent("file", attachment=message.attachment)
     if message.is_suggested_reply:
         return PoeEvent("suggested", text=message.text)
-    if message.tool_calls:
-        return PoeEvent("tool_calls", tool_calls=list(message.tool_calls))
     if message.data is not None:
         return PoeEvent("data", data=message.data)
     if message.is_replace_response:

@@ -580,7 +580,9 @@ class PoeOpenAI:
         """Mappings, key pool and request counts since start, as JSON (keys as fingerprints)."""
         if self.service is None:
             return "{}"
-        return json.dumps(status_report(self.service))
+        report = status_report(self.service)
+        report["stream_notices_expected"] = len(self.notices.expected)
+        return json.dumps(report)
 
     def log_status(self) -> None:
         logger.info("poe-openai status: %s", self.status())
@@ -701,6 +703,10 @@ class PoeOpenAI:
 
     def response(self, flow: http.HTTPFlow) -> None:
         self._explain(flow)
+        if self.service is not None:
+            # Usually gone already; not for answers the app's endpoints never saw (a CORS
+            # preflight, answered by the middleware; a flow refused while routing).
+            self.service.routed.pop(flow.id, None)
 
     def _explain(self, flow: http.HTTPFlow) -> None:
         """The flow's comment and views: the Poe bot, key fingerprint, timing, errors."""

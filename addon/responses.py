@@ -398,22 +398,48 @@ class Stored:
     conversation: list[dict[str, Any]]  # chat messages through this response's output
     owner: str = ""  # who made it (service.owner_of): only they may read or continue it
     at: float = field(default_factory=time.monotonic)
+    size: int = 0  # about the bytes it holds (see weight)
+
+
+def weight(value: Any) -> int:
+    """About the bytes a stored value holds: its strings' lengths (pictures travel as data:
+    URLs), 8 for anything else. Iterative: a value of any depth."""
+    total, stack = 0, [value]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, str):
+            total += len(node)
+        elif isinstance(node, dict):
+            stack.extend(node.keys())
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+        else:
+            total += 8
+    return total
 
 
 class ResponseStore:
-    """Earlier responses, bounded by count and age, for ``previous_response_id`` and GET."""
+    """Earlier responses, bounded by count, age and bytes, for ``previous_response_id`` and
+    GET. The bytes bound matters: each conversation may hold a whole request body's pictures."""
 
-    def __init__(self, max_entries: int = 1000, max_age_s: float = 3600) -> None:
+    def __init__(
+        self, max_entries: int = 1000, max_age_s: float = 3600, max_bytes: int = 256 * 2**20
+    ) -> None:
         self.max_entries = max_entries
         self.max_age_s = max_age_s
+        self.max_bytes = max_bytes
+        self.bytes = 0
         self._items: OrderedDict[str, Stored] = OrderedDict()
         self._holders: dict[str, str] = {}  # output item id -> the response that holds it
 
     def put(
         self, response: dict[str, Any], conversation: list[dict[str, Any]], owner: str = ""
     ) -> None:
-        self._items[response["id"]] = Stored(response, conversation, owner)
-        self._items.move_to_end(response["id"])
+        self._remove(response["id"])
+        size = weight(response) + weight(conversation)
+        self._items[response["id"]] = Stored(response, conversation, owner, size=size)
+        self.bytes += size
         for item in response.get("output") or []:
             self._holders[item["id"]] = response["id"]
         self._expire()
@@ -435,14 +461,18 @@ class ResponseStore:
         return next((i for i in stored.response["output"] if i["id"] == item_id), None)
 
     def delete(self, response_id: str, owner: str = "") -> bool:
-        stored = self.get(response_id, owner)
-        if stored is None:
+        if self.get(response_id, owner) is None:
             return False
-        del self._items[response_id]
-        self._forget(stored)
+        self._remove(response_id)
         return True
 
+    def _remove(self, response_id: str) -> None:
+        stored = self._items.pop(response_id, None)
+        if stored is not None:
+            self._forget(stored)
+
     def _forget(self, stored: Stored) -> None:
+        self.bytes -= stored.size
         for item in stored.response.get("output") or []:
             self._holders.pop(item["id"], None)
 
@@ -452,7 +482,9 @@ class ResponseStore:
     def _expire(self) -> None:
         cutoff = time.monotonic() - self.max_age_s
         while self._items and (
-            len(self._items) > self.max_entries or next(iter(self._items.values())).at < cutoff
+            len(self._items) > self.max_entries
+            or self.bytes > self.max_bytes
+            or next(iter(self._items.values())).at < cutoff
         ):
             self._forget(self._items.popitem(last=False)[1])
 

@@ -124,6 +124,13 @@ class Service:
     def admits(self, request: Request) -> bool:
         return not self.routed_only or request.headers.get(FLOW_HEADER, "") in self.routed
 
+    def flow_id(self, request: Request) -> str | None:
+        """The mitmproxy flow a request answers, while the addon has it routed here. None in
+        the plain server, where the header is just something a client sent: per-flow state
+        kept for it would never be collected."""
+        flow_id = request.headers.get(FLOW_HEADER)
+        return flow_id if self.routed_only and flow_id in self.routed else None
+
     def track(self, flow_id: str | None) -> None:
         """Remember the task answering a flow, so a client that leaves can cancel it."""
         task = asyncio.current_task()

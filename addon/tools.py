@@ -33,6 +33,9 @@ from addon.bounds import MAX_NODES, check_bounds, too_big
 from addon.errors import bad_request
 
 MAX_REF_DEPTH = 8
+# OpenAI's bound. Each tool becomes a pydantic model on the event loop every stream shares:
+# 100,000 tools (10 MB) took 7 s to parse, stalling every other client meanwhile.
+MAX_TOOLS = 128
 
 
 def _inline_refs(params: dict[str, Any], defs: dict[str, Any], param: str) -> Any:
@@ -76,6 +79,8 @@ def parse_tools(tools: object, tool_choice: object) -> list[ToolDefinition] | No
         return None
     if not isinstance(tools, list):
         raise bad_request("tools must be an array of tool objects.", "tools")
+    if len(tools) > MAX_TOOLS:
+        raise bad_request(f"tools takes at most {MAX_TOOLS} tools.", "tools")
     out: list[ToolDefinition] = []
     for i, tool in enumerate(tools):
         where = f"tools[{i}]"
@@ -195,7 +200,7 @@ class ToolCallAssembler:
 
     Poe's chunks are passed through but normalised: indexes from 0 without gaps, the first delta
     of each call carries id, type and function.name, every delta a ``function`` object. With
-    ``parallel`` false only the first call reaches the client.
+    ``parallel`` false only the first call is kept: later ones are never recorded.
     """
 
     parallel: bool = True
@@ -232,8 +237,6 @@ class ToolCallAssembler:
             self.calls[poe_index] = call
         elif call.name is None and isinstance(fn.get("name"), str):
             call.name = fn["name"]
-        if call.index > 0 and not self.parallel:
-            return []
         call.arguments += args
         if call.name is None:
             call.pending += args  # announce once the name is known
@@ -260,5 +263,5 @@ class ToolCallAssembler:
                 "function": {"name": c.name, "arguments": c.arguments},
             }
             for c in sorted(self.calls.values(), key=lambda c: c.index)
-            if c.name is not None and (self.parallel or c.index == 0)
+            if c.name is not None
         ]
