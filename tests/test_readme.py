@@ -353,6 +353,9 @@ def probe(sandbox: Sandbox, kind: str, where: str) -> None:
         client = httpx.Client(base_url=f"http://{where}", trust_env=False, timeout=30)
         url = "/v1/chat/completions"
     elif kind == "http(s)":
+        deadline = time.monotonic() + 10
+        while not sandbox.ca.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)  # mitmproxy writes its CA files while it starts
         client = httpx.Client(
             proxy=f"http://{where}",
             verify=ssl.create_default_context(cafile=str(sandbox.ca)),
@@ -414,3 +417,78 @@ def test_poe_status_through_mitmweb_is_plain_json(sandbox: Sandbox) -> None:
         server.stop()
     status = json.loads(out)
     assert status["keys"], status
+
+
+def quoted_lines() -> list[tuple[Block, str]]:
+    return [
+        (block, line.strip())
+        for block in BLOCKS
+        if block.lang == "text"
+        for line in block.text.splitlines()
+        if line.strip()
+    ]
+
+
+def printed(quote: str, output: str) -> bool:
+    """The quote, with `...` standing for anything, is in the output."""
+    pattern = ".*?".join(re.escape(part) for part in quote.split("..."))
+    return re.search(pattern, output) is not None
+
+
+def test_troubleshooting_messages(sandbox: Sandbox) -> None:
+    """Each message the README quotes is printed, by the proxy or the client, in the
+    situation the README describes: a newcomer's refused command, clients that do not trust
+    the CA, a key Poe rejects, a call for a host the addon does not answer."""
+    assert quoted_lines(), "no quoted messages in the README"
+    outputs = []
+    refused = subprocess.run(
+        ["bash", "-c", f"POE_API_KEY={POE_KEY} .venv/bin/mitmdump -s addon/poe_openai.py"],
+        cwd=sandbox.repo,
+        env=sandbox.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert refused.returncode != 0, refused.stdout
+    outputs.append(refused.stdout + refused.stderr)
+
+    server = Background(sandbox, "POE_API_KEY=a-key-poe-rejects ./run.sh")
+    proxy = f"http://127.0.0.1:{sandbox.ports[8080]}"
+    untrusting = {**sandbox.env, "HTTPS_PROXY": proxy}
+    (sandbox.repo / "untrusting.mjs").write_text(
+        'import { EnvHttpProxyAgent, setGlobalDispatcher } from "undici";\n'
+        "setGlobalDispatcher(new EnvHttpProxyAgent());\n"
+        'try { await fetch("https://api.openai.com/v1/models"); } catch (e) { console.log(e); }\n'
+    )
+    sdk_call = "from openai import OpenAI\nOpenAI(api_key='x', max_retries=0).models.list()\n"
+    try:
+        server.wait_ready("./run.sh with a key Poe rejects")
+        for argv in (
+            ["curl", "-sS", "-x", proxy, "https://api.openai.com/v1/models"],
+            [sys.executable, "-c", sdk_call],
+            ["node", "untrusting.mjs"],
+        ):
+            done = subprocess.run(
+                argv, cwd=sandbox.repo, env=untrusting, capture_output=True, text=True, timeout=60
+            )
+            outputs.append(done.stdout + done.stderr)
+        with httpx.Client(
+            proxy=proxy,
+            verify=ssl.create_default_context(cafile=str(sandbox.ca)),
+            trust_env=False,
+            timeout=30,
+        ) as client:
+            chat = {"model": "gpt-4o", "messages": [{"role": "user", "content": "Hello"}]}
+            for _ in range(2):  # the first call finds the key rejected, the second finds none
+                answer = client.post("https://api.openai.com/v1/chat/completions", json=chat)
+                assert answer.status_code == 502, answer.text
+                outputs.append(answer.json()["error"]["message"])
+            elsewhere = f"http://localhost:{sandbox.poe.port}/v1/chat/completions"
+            assert client.post(elsewhere, json=chat).status_code == 404  # the other host's
+    finally:
+        server.stop()
+    outputs.append(server.output)
+    combined = "\n".join(outputs)
+    assert "POST http://localhost" in server.output  # passed through: no poe-openai line
+    missing = [f"{b.label}: {q}" for b, q in quoted_lines() if not printed(q, combined)]
+    assert not missing, "quoted but not printed:\n" + "\n".join(missing) + "\n\n" + combined
