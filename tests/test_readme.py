@@ -329,6 +329,10 @@ def run_client(sandbox: Sandbox, block: Block, web_token: str) -> str:
         return out
     assert done.returncode == 0, f"{block.label} exited {done.returncode}:\n{script}\n{out}"
     assert not OPENAI_ERROR.search(out) and out.strip() != "null", f"{block.label}:\n{out}"
+    shows_answer = "print(" in script or "your_tool.py" in script or script.startswith("curl")
+    if shows_answer and re.search(r"gpt-4o|your_tool\.py", script):
+        # A chat call whose answer the block shows: it is the stand-in's, whole.
+        assert "Hello from the stand-in" in out, f"{block.label}:\n{out}"
     return out
 
 
@@ -373,6 +377,18 @@ def probe(sandbox: Sandbox, kind: str, where: str) -> None:
     assert answer.json()["choices"][0]["message"]["content"] == "Hello from the stand-in"
 
 
+def assert_parameters_reached_poe(poe: FakePoe) -> None:
+    """The README's claim for `poe_parameters`: on the last user message of the Poe query."""
+    for bot, parameters in (
+        ("Claude-Sonnet-4-Reasoning", {"thinking_budget": 8000}),
+        ("FLUX-pro-1.1", {"aspect_ratio": "4:3"}),
+    ):
+        asked = poe.requests_for(bot)
+        assert asked, f"the README's {bot} call did not reach Poe"
+        query = asked[-1].query
+        assert query is not None and query.query[-1].parameters == parameters, query
+
+
 def test_every_block_is_run_or_marked() -> None:
     runnable = {"sh", "python", "js", "yaml", "text"}
     for block in BLOCKS:
@@ -396,6 +412,8 @@ def test_readme_session(sandbox: Sandbox, session: Session) -> None:
         token = WEB_TOKEN.search(server.output)
         for block in session.clients:
             run_client(sandbox, block, token.group(1) if token else "")
+            if "poe_parameters" in block.text:
+                assert_parameters_reached_poe(sandbox.poe)
     finally:
         server.stop()
         sandbox.outputs.append(server.output)
