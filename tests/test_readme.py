@@ -102,8 +102,8 @@ def commands(block: Block) -> str:
     return "\n".join(line for line in lines if line.strip())
 
 
-def readme_blocks() -> list[Block]:
-    tokens = MarkdownIt("commonmark").parse(README.read_text(encoding="utf-8"))
+def readme_blocks(markdown: str) -> list[Block]:
+    tokens = MarkdownIt("commonmark").parse(markdown)
     blocks: list[Block] = []
     section = "top"
     pending: tuple[str, str] | None = None
@@ -134,7 +134,7 @@ def sessions(blocks: list[Block]) -> list[Session]:
     return found
 
 
-BLOCKS = readme_blocks()
+BLOCKS = readme_blocks(README.read_text(encoding="utf-8"))
 SESSIONS = sessions(BLOCKS)
 
 
@@ -246,6 +246,7 @@ class Background:
     """A server block running in its own process group, its output collected."""
 
     def __init__(self, sandbox: Sandbox, script: str) -> None:
+        self.script = script
         self.proc = subprocess.Popen(
             ["bash", "-c", script],
             cwd=sandbox.repo,
@@ -268,14 +269,20 @@ class Background:
     def output(self) -> str:
         return "".join(self.lines)
 
+    def started(self) -> bool:
+        """The listeners are up and so is the addon: its banner follows them (mitmweb's token
+        line too); the plain server says it runs once its start-up is done."""
+        out = self.output
+        if "Uvicorn running on" in out:
+            return True
+        last = max((m.end() for m in READY.finditer(out)), default=-1)
+        web = "mitmweb" not in self.script or WEB_TOKEN.search(out)
+        return last >= 0 and "poe-openai: " in out[last:] and bool(web)
+
     def wait_ready(self, label: str, timeout: float = 60) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            out = self.output
-            mitmproxy = "mitm" in out or "poe-openai:" in out
-            banner = "poe-openai: answering" in out or "Uvicorn running" in out
-            if READY.search(out) and (banner or not mitmproxy):
-                time.sleep(0.3)
+            if self.started():
                 return
             if self.proc.poll() is not None:
                 self.reader.join(2)
@@ -387,6 +394,28 @@ def assert_parameters_reached_poe(poe: FakePoe) -> None:
         assert asked, f"the README's {bot} call did not reach Poe"
         query = asked[-1].query
         assert query is not None and query.query[-1].parameters == parameters, query
+
+
+def test_markers_and_sessions_are_read_as_written() -> None:
+    """A marker belongs to the block right after it (in a list item too), not to one further
+    on; one-off commands and `./run.sh test` start no session."""
+    blocks = readme_blocks(
+        "# A\n\n<!-- readme-test: skip: needs root -->\n```sh\nsudo x\n```\n\n"
+        "<!-- readme-test: fails -->\n\nA paragraph between.\n\n```sh\nfalse\n```\n\n"
+        "## B\n\n- item\n\n  <!-- readme-test: fails -->\n  ```sh\n  false\n  ```\n\n"
+        "```sh\n./run.sh test\n```\n\n```sh\n.venv/bin/mitmdump -s a.py --options\n```\n\n"
+        "```sh\nK=1 ./run.sh   # starts it\n```\n\n```python\nprint(1)\n```\n"
+    )
+    assert [(b.marker, b.reason, b.section) for b in blocks[:3]] == [
+        ("skip", "needs root", "A"),
+        (None, "", "A"),
+        ("fails", "", "B"),
+    ]
+    assert [b.is_server for b in blocks[3:]] == [False, False, True, False]
+    (session,) = sessions(blocks[5:])
+    assert session.server is blocks[5] and session.clients == [blocks[6]]
+    with pytest.raises(AssertionError, match="before any block that starts the proxy"):
+        sessions(blocks[1:])
 
 
 def test_every_block_is_run_or_marked() -> None:
