@@ -50,6 +50,7 @@ from fake_poe import FakePoe, file, text
 from harness import REPO, assert_no_traceback, free_port
 from markdown_it import MarkdownIt
 
+from addon.config import fingerprint
 from addon.mappings import load_mappings
 
 README = REPO / "README.md"
@@ -340,6 +341,8 @@ def run_client(sandbox: Sandbox, block: Block, web_token: str) -> str:
     if shows_answer and re.search(r"gpt-4o|your_tool\.py", script):
         # A chat call whose answer the block shows: it is the stand-in's, whole.
         assert "Hello from the stand-in" in out, f"{block.label}:\n{out}"
+    if "sha256sum" in script:  # the key's fingerprint, as the proxy's log lines show it
+        assert f"key#{out.strip()}" == fingerprint(POE_KEY), f"{block.label}:\n{out}"
     return out
 
 
@@ -431,7 +434,17 @@ def test_every_block_is_run_or_marked() -> None:
     assert counted == len(BLOCKS)
 
 
-@pytest.mark.parametrize("session", SESSIONS, ids=[f"line{s.server.line}" for s in SESSIONS])
+def session_ids(found: list[Session]) -> list[str]:
+    """By section and the command's first words (stable when lines above move)."""
+    ids = []
+    for session in found:
+        words = " ".join(commands(session.server).replace("POE_API_KEY=your-poe-key", "").split())
+        name = re.sub(r"[^\w.]+", "-", f"{session.server.section} {words[:40]}").strip("-")
+        ids.append(name + (f"-{ids.count(name) + 1}" if name in ids else ""))
+    return ids
+
+
+@pytest.mark.parametrize("session", SESSIONS, ids=session_ids(SESSIONS))
 def test_readme_session(sandbox: Sandbox, session: Session) -> None:
     server = Background(sandbox, sandbox.substitute(session.server.text))
     try:
@@ -444,8 +457,9 @@ def test_readme_session(sandbox: Sandbox, session: Session) -> None:
             if "poe_parameters" in block.text:
                 assert_parameters_reached_poe(sandbox.poe)
     finally:
-        server.stop()
+        stopped = server.stop()
         sandbox.outputs.append(server.output)
+    assert stopped == 0, f"Ctrl-C: exit status {stopped}:\n{server.output}"
     assert_no_traceback(server.output)
     assert "poe-openai: cannot start" not in server.output, server.output
 
