@@ -46,6 +46,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import yaml
 from fake_poe import FakePoe, file, text
 from harness import REPO, assert_no_traceback, free_port
 from markdown_it import MarkdownIt
@@ -312,7 +313,11 @@ def run_client(sandbox: Sandbox, block: Block, web_token: str) -> str:
     if block.lang == "yaml":
         path = sandbox.root / "mappings.yaml"
         path.write_text(script)
-        assert load_mappings(path).models, f"{block.label}: no models"
+        model_map = load_mappings(path)
+        written = yaml.safe_load(script)["models"]
+        assert written, f"{block.label}: no models"
+        for name, bot in written.items():  # "no value: the bot of the same name"
+            assert model_map.bot_for(name) == (bot or name), block.label
         return ""
     if block.lang == "python":
         path = sandbox.root / f"block_{block.line}.py"
