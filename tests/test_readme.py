@@ -151,7 +151,6 @@ class Sandbox:
     ports: dict[int, int]
     env: dict[str, str]
     poe: FakePoe
-    outputs: list[str] = field(default_factory=list)
 
     @property
     def ca(self) -> Path:
@@ -205,7 +204,7 @@ def sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sandbox]:
     repo.mkdir()
     (home / ".mitmproxy").mkdir(parents=True)
     ports = {8080: free_port(), 8000: free_port(), 8081: free_port()}
-    for name in ("addon", "mappings", "tests"):
+    for name in ("addon", "mappings"):
         (repo / name).symlink_to(REPO / name)
     shutil.copy(REPO / "pyproject.toml", repo / "pyproject.toml")
     run_sh = (REPO / "run.sh").read_text().replace("127.0.0.1:8080", f"127.0.0.1:{ports[8080]}")
@@ -336,7 +335,6 @@ def run_client(sandbox: Sandbox, block: Block, web_token: str) -> str:
         timeout=90,
     )
     out = done.stdout + done.stderr
-    sandbox.outputs.append(out)
     if block.marker == "fails":
         assert done.returncode != 0, f"{block.label} should fail:\n{script}\n{out}"
         return out
@@ -463,7 +461,6 @@ def test_readme_session(sandbox: Sandbox, session: Session) -> None:
                 assert_parameters_reached_poe(sandbox.poe)
     finally:
         stopped = server.stop()
-        sandbox.outputs.append(server.output)
     assert stopped == 0, f"Ctrl-C: exit status {stopped}:\n{server.output}"
     assert_no_traceback(server.output)
     assert "poe-openai: cannot start" not in server.output, server.output
