@@ -7,6 +7,7 @@ import asyncio
 import hashlib
 import hmac
 import json
+import math
 import re
 import secrets
 from collections import Counter
@@ -240,7 +241,7 @@ async def json_body(request: Request, limit: int = MAX_BODY) -> dict[str, Any]:
     if not raw.strip():
         raise bad_request("The request body is empty; send a JSON object.")
     try:
-        body = json.loads(raw)
+        body = json.loads(raw, parse_constant=_not_json, parse_float=_finite)
     except (ValueError, UnicodeDecodeError) as e:
         raise bad_request(f"The request body is not valid JSON: {e}.") from None
     except RecursionError:
@@ -253,6 +254,19 @@ async def json_body(request: Request, limit: int = MAX_BODY) -> dict[str, Any]:
             "\\uDFFF without its pair), which is not a character."
         )
     return body
+
+
+def _not_json(name: str) -> float:
+    # Python reads NaN and Infinity, which JSON has not: nothing downstream (Poe's own JSON)
+    # could carry them.
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):  # 1e999: valid JSON, but no double holds it
+        raise ValueError(f"the number {text[:40]} is too large")
+    return value
 
 
 # JSON can escape UTF-16 surrogates (\ud83d\ude00 is one emoji). json.loads joins pairs and

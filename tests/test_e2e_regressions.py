@@ -312,3 +312,26 @@ def test_a_method_no_route_takes_gets_an_openai_405(proxy: Mitmdump, method: str
     assert r.json()["error"]["code"] == "method_not_allowed"
     assert r.json()["error"]["message"] == f"Method {method} is not allowed on /v1/models."
     assert r.headers["access-control-allow-origin"] == "*"
+
+
+@pytest.mark.parametrize("number", ["Infinity", "-Infinity", "NaN", "1e999"])
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/v1/images/generations", '{"model": "%s", "prompt": "x", "poe_parameters": {"a": %s}}'),
+        ("/v1/chat/completions", '{"model": "%s", "messages": [], "temperature": %s}'),
+    ],
+)
+def test_numbers_json_has_not_are_a_400_before_poe(
+    proxy: Mitmdump, fake_poe: FakePoe, bot: str, path: str, body: str, number: str
+) -> None:
+    # Python's json reads NaN/Infinity (and 1e999 as inf); sent on to Poe they made a query
+    # fastapi-poe could not serialise: a paid-looking 502 "could not reach Poe". Found by fuzz.
+    fake_poe.script(bot, [text("never asked")])
+    with proxy.http() as http:
+        r = http.post(
+            path, content=body % (bot, number), headers={"content-type": "application/json"}
+        )
+    assert r.status_code == 400, r.text
+    assert "not valid JSON" in r.json()["error"]["message"]
+    assert fake_poe.requests_for(bot) == []
