@@ -540,7 +540,7 @@ class PoeOpenAI:
             len(self.service.model_map.models),
             s.mappings_path,
         )
-        for line in client_settings(ctx.options.mode if "mode" in ctx.options else []):
+        for line in client_settings(ctx.options.mode if "mode" in ctx.options else [], s):
             logger.info("poe-openai: %s", line)
 
     def _ensure_server(self) -> LoopbackServer:
@@ -738,10 +738,20 @@ class PoeOpenAI:
         redact(flow)
 
 
-def client_settings(modes: collections.abc.Sequence[str]) -> list[str]:
+def client_key_advice(settings: Settings) -> str:
+    """What a client must send as its API key, in this auth mode."""
+    if settings.access_tokens:
+        return "a token from poe_access_tokens (other keys get 401)"
+    if settings.api_keys:
+        return "any (the proxy's Poe key answers)"
+    return "the user's own Poe key, from poe.com/api_key (the proxy holds none)"
+
+
+def client_settings(modes: collections.abc.Sequence[str], settings: Settings) -> list[str]:
     """For the start-up banner: what a client should set, per listener."""
     confdir = ctx.options.confdir if "confdir" in ctx.options else "~/.mitmproxy"
     ca = f"{confdir}/mitmproxy-ca-cert.pem"
+    key = client_key_advice(settings)
     lines = []
     for spec in modes:
         try:
@@ -752,14 +762,22 @@ def client_settings(modes: collections.abc.Sequence[str]) -> list[str]:
         port = mode.listen_port()
         where = f"{host or '127.0.0.1'}:{port}"
         if isinstance(mode, ReverseMode):
-            lines.append(f"{spec}: clients set base URL http://{where}/v1 (any API key)")
+            lines.append(f"{spec}: clients set base URL http://{where}/v1; API key: {key}")
         elif isinstance(mode, RegularMode):
             lines.append(
                 f"{spec}: clients set HTTPS_PROXY=http://{where} and trust {ca} "
-                f"(e.g. SSL_CERT_FILE={ca}, NODE_EXTRA_CA_CERTS={ca})"
+                f"(Python: SSL_CERT_FILE={ca}); API key: {key}"
+            )
+            # Node's built-in fetch ignores HTTPS_PROXY: the CA alone sends calls to OpenAI.
+            lines.append(
+                f"{spec}: Node clients also need NODE_EXTRA_CA_CERTS={ca} and, since Node's "
+                "fetch ignores HTTPS_PROXY, NODE_USE_ENV_PROXY=1 (Node 24+) or undici's "
+                "EnvHttpProxyAgent (fetchOptions: { dispatcher: new EnvHttpProxyAgent() })"
             )
         else:
-            lines.append(f"{spec}: clients trust {ca}; see mitmproxy's docs for this mode")
+            lines.append(
+                f"{spec}: clients trust {ca}; see mitmproxy's docs for this mode; API key: {key}"
+            )
     return lines
 
 

@@ -1,0 +1,143 @@
+"""What the proxy tells people, through a real mitmdump: the start-up banner per auth mode and
+listener, the log line after a key failover, a failed image fetch, and a quiet shutdown."""
+
+from __future__ import annotations
+
+import re
+import time
+
+import openai
+import pytest
+from conftest import POE_KEY, poe_options
+from fake_poe import FakePoe, file, http_error, text
+from harness import Mitmdump
+
+from addon.config import fingerprint
+
+USER = [{"role": "user", "content": "hi"}]
+SECOND = "poe-second-key"
+
+
+def wait_for(m: Mitmdump, needle: str, timeout: float = 10) -> str:
+    deadline = time.monotonic() + timeout
+    while needle not in m.output and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert needle in m.output, m.output[-3000:]
+    return m.output
+
+
+def banner_line(m: Mitmdump, spec_part: str, contains: str = "") -> str:
+    lines = [
+        line
+        for line in m.output.splitlines()
+        if "poe-openai: " in line and spec_part in line and contains in line
+    ]
+    assert len(lines) == 1, m.output
+    return lines[0]
+
+
+# --- the banner: what a client sets, per auth mode and listener --------------------------------
+
+
+def test_banner_configured_key_any_api_key(proxy: Mitmdump) -> None:
+    reverse = banner_line(proxy, f"reverse:https://api.openai.com@127.0.0.1:{proxy.reverse_port}")
+    assert f"base URL http://127.0.0.1:{proxy.reverse_port}/v1" in reverse
+    assert "API key: any" in reverse
+    regular = banner_line(proxy, f"regular@127.0.0.1:{proxy.proxy_port}", "clients set HTTPS_PROXY")
+    assert f"HTTPS_PROXY=http://127.0.0.1:{proxy.proxy_port}" in regular
+    assert f"SSL_CERT_FILE={proxy.ca_file}" in regular
+    assert "API key: any" in regular
+
+
+def test_banner_node_line_gives_what_makes_node_use_the_proxy(proxy: Mitmdump) -> None:
+    # HTTPS_PROXY + NODE_EXTRA_CA_CERTS alone: Node's fetch ignores the proxy (ENOTFOUND
+    # api.openai.com offline, or a real call to OpenAI online).
+    node = banner_line(proxy, f"regular@127.0.0.1:{proxy.proxy_port}", "Node clients")
+    assert f"NODE_EXTRA_CA_CERTS={proxy.ca_file}" in node
+    assert "NODE_USE_ENV_PROXY=1" in node
+    assert "EnvHttpProxyAgent" in node and "fetchOptions" in node
+
+
+def test_banner_token_mode_asks_for_a_token(proxy_tokens: Mitmdump) -> None:
+    reverse = banner_line(proxy_tokens, f"@127.0.0.1:{proxy_tokens.reverse_port}")
+    assert "API key: a token from poe_access_tokens" in reverse
+    assert "API key: any" not in reverse
+
+
+def test_banner_pass_through_asks_for_the_users_poe_key(proxy_passthrough: Mitmdump) -> None:
+    reverse = banner_line(proxy_passthrough, f"@127.0.0.1:{proxy_passthrough.reverse_port}")
+    assert "API key: the user's own Poe key" in reverse
+    assert "API key: any" not in reverse
+
+
+def test_banner_token_mode_explicit_proxy(fake_poe: FakePoe) -> None:
+    opts = poe_options(fake_poe, poe_api_key=POE_KEY, poe_access_tokens="t1")
+    with Mitmdump(options=opts, reverse=False) as m:
+        regular = banner_line(m, f"regular@127.0.0.1:{m.proxy_port}", "clients set HTTPS_PROXY")
+    assert "API key: a token from poe_access_tokens" in regular
+
+
+# --- the log line after a failover names the key that answered ----------------------------------
+
+
+def test_failover_log_line_names_the_answering_key(fake_poe: FakePoe, bot: str) -> None:
+    fake_poe.script_sequence(bot, [[http_error(401, {"detail": "bad key"})], [text("ok")]])
+    opts = poe_options(fake_poe, poe_api_key=f"{POE_KEY},{SECOND}")
+    with Mitmdump(options=opts, regular=False) as m:
+        result = m.reverse_client().chat.completions.create(model=bot, messages=USER)
+        assert result.choices[0].message.content == "ok"
+        wait_for(m, " answered in ")
+        lines = m.output.splitlines()
+    failover = [line for line in lines if "trying " in line and bot in line]
+    answered = [line for line in lines if " answered in " in line and bot in line]
+    assert len(failover) == 1 and len(answered) == 1, lines
+    # the failover line: the key that failed, then the one tried next
+    assert f"{bot}->{bot} {fingerprint(POE_KEY)}: poe_key_rejected" in failover[0]
+    assert failover[0].endswith(f"trying {fingerprint(SECOND)}")
+    # the answer: the key that answered, not the one that failed
+    assert f"{bot}->{bot} {fingerprint(SECOND)} answered in" in answered[0]
+    assert fingerprint(POE_KEY) not in answered[0]
+
+
+def test_failed_second_key_log_names_it(fake_poe: FakePoe, bot: str) -> None:
+    # Both keys rejected: each line names the key it is about.
+    fake_poe.script(bot, [http_error(401, {"detail": "bad key"})])
+    opts = poe_options(fake_poe, poe_api_key=f"{POE_KEY},{SECOND}")
+    with Mitmdump(options=opts, regular=False) as m:
+        with pytest.raises(openai.APIStatusError):
+            m.reverse_client().chat.completions.create(model=bot, messages=USER)
+        wait_for(m, "no Poe key left")
+        lines = m.output.splitlines()
+    left = [line for line in lines if "no Poe key left" in line]
+    assert f"{bot}->{bot} {fingerprint(SECOND)}: no Poe key left" in left[0]
+
+
+# --- a failed image fetch says what failed -----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("where", "why"),
+    [
+        ("missing", re.compile(r"fetching it from 127\.0\.0\.1 failed: HTTP 404")),
+        ("refused", re.compile(r"fetching it from 127\.0\.0\.1 failed: ConnectError")),
+    ],
+)
+def test_image_fetch_failure_names_the_fetch(
+    proxy: Mitmdump, fake_poe: FakePoe, bot: str, where: str, why: re.Pattern[str]
+) -> None:
+    url = (
+        f"http://127.0.0.1:{fake_poe.port}/cdn/{bot}-never-hosted.png"
+        if where == "missing"
+        else "http://127.0.0.1:9/gone.png"
+    )
+    fake_poe.script(bot, [file(url, "image/png", "out.png")])
+    with pytest.raises(openai.InternalServerError) as info:
+        proxy.reverse_client().images.generate(model=bot, prompt="x", response_format="b64_json")
+    error = info.value.body
+    assert isinstance(error, dict)
+    assert error["code"] == "image_fetch_failed"
+    assert why.search(error["message"]), error["message"]
+    assert "Could not reach Poe" not in error["message"]
+    assert info.value.response.headers["x-should-retry"] == "false"  # the picture was paid for
+    wait_for(proxy, f"{bot}->{bot}")
+    assert "failed fetching the image" in proxy.output
