@@ -62,7 +62,7 @@ def model_object(name: str) -> dict[str, Any]:
 
 async def list_models(service: Service, request: Request) -> Response:
     service.authenticate(request)  # listing spends nothing: no Poe key is picked
-    data = [model_object(name) for name in service.model_map.models]
+    data = [model_object(name) for name in service.model_map.names()]
     return JSONResponse({"object": "list", "data": data})
 
 

@@ -1,15 +1,18 @@
 """What the proxy tells people, through a real mitmdump: the start-up banner per auth mode and
 listener, the log line after a key failover, a failed image fetch, and a quiet shutdown."""
+# (the plain server's start-up summary and request lines: at the end)
 
 from __future__ import annotations
 
 import re
+import signal
+import threading
 import time
 
 import openai
 import pytest
 from conftest import POE_KEY, poe_options
-from fake_poe import FakePoe, file, http_error, text
+from fake_poe import FakePoe, file, http_error, sleep, text
 from harness import Mitmdump
 
 from addon.config import fingerprint
@@ -141,3 +144,45 @@ def test_image_fetch_failure_names_the_fetch(
     assert info.value.response.headers["x-should-retry"] == "false"  # the picture was paid for
     wait_for(proxy, f"{bot}->{bot}")
     assert "failed fetching the image" in proxy.output
+
+
+# --- stopping the proxy while answers stream -----------------------------------------------------
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_stopping_mid_stream_is_quiet(fake_poe: FakePoe, bot: str, sig: signal.Signals) -> None:
+    fake_poe.script(bot, [text("first"), sleep(30), text("never")])
+    opts = poe_options(fake_poe)
+    m = Mitmdump(options=opts, env={"POE_API_KEY": POE_KEY}).start()
+    try:
+        clients = [m.reverse_client(), m.proxy_client()]  # both listeners, HTTP/1 and TLS
+        seen: list[str] = []
+        ended: list[str] = []
+
+        def read(client: openai.OpenAI) -> None:
+            try:
+                for chunk in client.chat.completions.create(model=bot, messages=USER, stream=True):
+                    seen.extend(c.delta.content or "" for c in chunk.choices)
+            except openai.APIError as e:
+                ended.append(type(e).__name__)
+
+        readers = [threading.Thread(target=read, args=(c,), daemon=True) for c in clients]
+        for reader in readers:
+            reader.start()
+        deadline = time.monotonic() + 15
+        while seen.count("first") < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert seen.count("first") == 2, m.output
+        assert m.proc is not None
+        before = len(m.lines)
+        m.proc.send_signal(sig)
+        code = m.proc.wait(20)
+    finally:
+        m.stop()
+    for reader in readers:
+        reader.join(5)
+    after = "".join(m.lines[before:])
+    assert code == 0, after
+    assert "Traceback" not in after and "CancelledError" not in after, after
+    assert "Exception in ASGI application" not in after and "Exception in callback" not in after
+    assert len(after.splitlines()) < 15, after  # mitmproxy's own lines per flow, nothing more
