@@ -6,14 +6,17 @@ from __future__ import annotations
 
 import re
 import signal
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import openai
 import pytest
 from conftest import POE_KEY, poe_options
 from fake_poe import FakePoe, file, http_error, sleep, text
-from harness import Mitmdump
+from harness import REPO, Mitmdump
 
 from addon.config import fingerprint
 
@@ -186,3 +189,47 @@ def test_stopping_mid_stream_is_quiet(fake_poe: FakePoe, bot: str, sig: signal.S
     assert "Traceback" not in after and "CancelledError" not in after, after
     assert "Exception in ASGI application" not in after and "Exception in callback" not in after
     assert len(after.splitlines()) < 15, after  # mitmproxy's own lines per flow, nothing more
+
+
+# --- the test run: third-party deprecations are silenced by module, ours are not ----------------
+
+WARNING_PROBE = """
+import warnings
+
+
+def test_imports_that_warn() -> None:
+    import fastapi_poe.types  # noqa: F401  (pydantic: class-based config)
+    import mitmproxy.addons.proxyauth  # noqa: F401  (ldap3: pyasn1's tagMap)
+    from addon import tokens
+
+    tokens.warm_up()  # (bpe_openai: importlib.resources.open_binary)
+    warnings.warn("our own deprecation", DeprecationWarning, stacklevel=1)
+"""
+
+
+def test_third_party_deprecations_are_silenced_by_module(tmp_path: Path) -> None:
+    probe = tmp_path / "test_probe.py"
+    probe.write_text(WARNING_PROBE)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-c",
+            str(REPO / "pyproject.toml"),
+            "--rootdir",
+            str(REPO),
+            "-p",
+            "no:cacheprovider",
+            "-q",
+            str(probe),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stdout[-3000:]
+    assert "our own deprecation" in done.stdout  # a warning of this project still shows
+    for noise in ("class-based `config`", "tagMap", "open_binary"):
+        assert noise not in done.stdout, done.stdout[-3000:]
