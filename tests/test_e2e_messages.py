@@ -16,7 +16,8 @@ import openai
 import pytest
 from conftest import POE_KEY, poe_options
 from fake_poe import FakePoe, file, http_error, sleep, text
-from harness import REPO, Mitmdump
+from harness import REPO, Mitmdump, free_port
+from test_startup import SERVER_ENTRIES, plain_client, server_command, start_server, stop
 
 from addon.config import fingerprint
 
@@ -233,3 +234,77 @@ def test_third_party_deprecations_are_silenced_by_module(tmp_path: Path) -> None
     assert "our own deprecation" in done.stdout  # a warning of this project still shows
     for noise in ("class-based `config`", "tagMap", "open_binary"):
         assert noise not in done.stdout, done.stdout[-3000:]
+
+
+# --- the plain server says what it does, in the addon's words -------------------------------------
+
+LOG_LINE = r"\[\d\d:\d\d:\d\d\.\d{3}\] poe-openai: "
+
+
+@pytest.mark.parametrize("entry", SERVER_ENTRIES)
+def test_plain_server_start_up_summary_and_request_lines(
+    fake_poe: FakePoe, bot: str, entry: str
+) -> None:
+    fake_poe.script(bot, [text("plain")])
+    port = free_port()
+    env = {
+        "POE_API_KEY": POE_KEY,
+        "POE_BASE_URL": fake_poe.base_url,
+        "POE_UPLOAD_URL": fake_poe.upload_url,
+        "PYTHONUNBUFFERED": "1",
+    }
+    proc = start_server(server_command(entry, "127.0.0.1", port), env)
+    try:
+        client = plain_client("127.0.0.1", port)
+        client.chat.completions.create(model=bot, messages=USER)  # type: ignore[arg-type]
+        list(client.chat.completions.create(model=bot, messages=USER, stream=True))  # type: ignore[arg-type]
+        with pytest.raises(openai.NotFoundError):
+            client.chat.completions.create(model=f"{bot}-unknown", messages=USER)  # type: ignore[arg-type]
+        time.sleep(0.5)
+    finally:
+        stop(proc)
+    out = proc.communicate(timeout=10)[0]
+    summary = re.search(
+        LOG_LINE + r"answering OpenAI API calls with Poe \((.*)\) \| auth: (.*) \| "
+        r"(\d+) mapped models from (.*) \| (.*)$",
+        out,
+        re.M,
+    )
+    assert summary is not None, out
+    assert summary.groups()[:4] == (
+        fake_poe.base_url,
+        "configured keys",
+        "56",
+        str(REPO / "mappings" / "default.yaml"),
+    )
+    where = (
+        f"127.0.0.1:{port}" if entry == "python -m addon serve" else "the address uvicorn reports"
+    )
+    assert re.search(
+        LOG_LINE + re.escape(f"clients set base URL http://{where}/v1; API key: any"), out
+    ), out
+    tag = re.escape(f"{bot}->{bot} {fingerprint(POE_KEY)}")
+    assert re.search(LOG_LINE + tag + r" answered in \d+ ms$", out, re.M), out
+    assert re.search(LOG_LINE + tag + r" streamed in \d+ ms$", out, re.M), out
+    assert re.search(
+        LOG_LINE + re.escape(f"{bot}-unknown->") + r".* failed before answering: 404", out
+    ), out
+    assert POE_KEY not in out
+
+
+def test_plain_server_summary_names_the_variables(fake_poe: FakePoe) -> None:
+    port = free_port()
+    env = {
+        "POE_API_KEY": POE_KEY,
+        "POE_ACCESS_TOKENS": "tok-secret-xyz",
+        "POE_BASE_URL": fake_poe.base_url,
+        "POE_MODELS_URL": "",
+        "PYTHONUNBUFFERED": "1",
+    }
+    proc = start_server(server_command("python -m addon serve", "127.0.0.1", port), env)
+    stop(proc)
+    out = proc.communicate(timeout=10)[0]
+    assert "auth: access tokens" in out
+    assert "Poe's bot list: off (POE_MODELS_URL is empty)" in out
+    assert "API key: a token from POE_ACCESS_TOKENS (other keys get 401)" in out
+    assert "tok-secret-xyz" not in out
