@@ -22,6 +22,7 @@ import logging
 import os
 import sys
 from collections.abc import AsyncIterator, Mapping
+from typing import Any
 
 from starlette.applications import Starlette
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -152,10 +153,10 @@ def build(env: Mapping[str, str], address: str | None = None) -> Starlette:
     service = Service(settings, model_map, poe)
     service.responses.max_entries = store.get("poe_response_store_size", 1000)
     service.responses.max_age_s = store.get("poe_response_store_minutes", 60) * 60
-    log_to_stderr()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        log_to_stderr()  # (once serving: building the app alone changes no logging)
         service.load_tokenizer()
         learning = None
         if settings.models_url is not None:  # in the background: nothing waits for it
@@ -187,6 +188,19 @@ def start_up_lines(service: Service, address: str | None) -> list[str]:
     ]
 
 
+class _Stderr(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to whatever sys.stderr is when a line is logged (as logging's last resort
+    does), not to the stream of the moment the handler was made."""
+
+    @property  # type: ignore[override]
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass
+
+
 class _Clock(logging.Formatter):
     """mitmproxy's look: "[21:58:24.457] poe-openai: ..."."""
 
@@ -200,7 +214,7 @@ def log_to_stderr() -> None:
     package = logging.getLogger("addon")
     if any(getattr(h, "poe_openai", False) for h in package.handlers):
         return
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _Stderr()
     handler.setFormatter(_Clock("[%(asctime)s] %(message)s"))
     handler.poe_openai = True  # type: ignore[attr-defined]
     package.addHandler(handler)
