@@ -77,7 +77,9 @@ async def fetch_model_list(url: str, proxy: str | None) -> list[str]:
     """Poe's bot names from ``url``; raises CatalogError or httpx.HTTPError."""
     # trust_env=False: the environment's HTTPS_PROXY may point at this very proxy (see poe.py)
     async with (
-        httpx.AsyncClient(proxy=proxy, trust_env=False, timeout=FETCH_TIMEOUT_S) as client,
+        httpx.AsyncClient(
+            proxy=proxy, trust_env=False, timeout=FETCH_TIMEOUT_S, follow_redirects=True
+        ) as client,
         client.stream("GET", url, headers={"accept": "application/json"}) as response,
     ):
         if response.status_code != 200:

@@ -71,9 +71,9 @@ async def get_model(service: Service, request: Request) -> Response:
     name = request.path_params["model"]
     if not service.model_map.is_mapped(name):
         raise not_found(
-            f"The model `{name}` is not in this proxy's model map. Chat requests still send "
-            f"unmapped names to Poe as bot names, so `{name}` works if Poe has a bot of that "
-            "name.",
+            f"The model `{name}` is neither in this proxy's model map nor among the bots Poe "
+            "publishes (as far as the proxy learned them). Chat requests still send unknown "
+            f"names to Poe as bot names, so `{name}` works if Poe has a bot of that name.",
             "model_not_found",
         )
     return JSONResponse(model_object(name))

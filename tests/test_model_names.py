@@ -336,3 +336,20 @@ def test_plain_server_models_url_names_the_variable(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="POE_MODELS_URL='nope' is not an http"):
         settings_from_env({"POE_MODELS_URL": "nope"})
     assert settings_from_env({"POE_MODELS_URL": ""}).models_url is None
+
+
+def test_a_map_reload_keeps_the_learned_bots(own_poe: FakePoe, tmp_path: Path) -> None:
+    mapping = tmp_path / "map.yaml"
+    mapping.write_text("models:\n  my-model: GPT-4o\n")
+    own_poe.published = ["Poe-Only-Bot"]
+    own_poe.script("Poe-Only-Bot", [text("still published")])
+    opts = poe_options(own_poe, poe_mappings=str(mapping))
+    with Mitmdump(options=opts, env={"POE_API_KEY": POE_KEY}, regular=False) as m:
+        wait_for(m, "learned 1 Poe bots from")
+        assert ids(m) == ["my-model", "Poe-Only-Bot"]
+        time.sleep(1.1)  # (a new modification time for the watcher)
+        mapping.write_text("models:\n  my-model: GPT-4o\n  other: GPT-5\n")
+        wait_for(m, "2 mapped models from")
+        assert ids(m) == ["my-model", "other", "Poe-Only-Bot"]
+        answer = m.reverse_client().chat.completions.create(model="poe-only-bot", messages=USER)  # type: ignore[arg-type]
+        assert answer.choices[0].message.content == "still published"
