@@ -35,7 +35,7 @@ def serve(args: list[str]) -> int:
     options = parser.parse_args(args)
     try:
         relay = open_relay(settings_from_env(), os.environ)
-        app = build(os.environ)
+        app = build(os.environ, address=f"{options.host}:{options.port}" if options.port else None)
     except ConfigError as e:
         print(f"poe-openai: cannot start: {e}", file=sys.stderr)
         return 2

@@ -17,6 +17,9 @@ DEFAULT_HOSTS = ("api.openai.com",)
 DEFAULT_BASE_URL = "https://api.poe.com/bot/"
 DEFAULT_UPLOAD_URL = "https://www.quora.com/poe_api/"
 DEFAULT_MAPPINGS = "mappings/default.yaml"
+# Poe's model list, from the host of poe_base_url (https://api.poe.com/v1/models by default,
+# and a test's stand-in Poe when it stands in for Poe); "" turns learning Poe's bots off.
+DEFAULT_MODELS_URL = "auto"
 
 PROXY_SCHEMES = ("http", "https", "socks5", "socks5h")
 
@@ -119,6 +122,7 @@ class Settings:
     max_file_bytes: int = 50 * 1024 * 1024
     max_body_bytes: int = 64 * 1024 * 1024
     timeouts: Timeouts = field(default_factory=lambda: Timeouts())
+    models_url: str | None = None  # Poe's model list (None: not fetched)
 
     @property
     def auth_mode(self) -> str:
@@ -204,6 +208,7 @@ def parse_settings(
     poe_total_timeout_s: int = 900,
     poe_header_hold_s: int = 10,
     poe_keepalive_s: int = 15,
+    poe_models_url: str = DEFAULT_MODELS_URL,
     environ: Mapping[str, str] | None = None,
     spelling: Spelling = OPTION,
 ) -> Settings:
@@ -258,12 +263,13 @@ def parse_settings(
                 f"{name(option)}={value} must be at least {least}; use e.g. "
                 f"{spelling.example(option, str(DEFAULTS[option]))}"
             )
+    base_url = _base_url("poe_base_url", poe_base_url, spelling)
     return Settings(
         api_keys=api_keys,
         access_tokens=access_tokens,
         mappings_path=path,
         hosts=hosts,
-        base_url=_base_url("poe_base_url", poe_base_url, spelling),
+        base_url=base_url,
         upload_url=_base_url("poe_upload_url", poe_upload_url, spelling),
         proxy=_proxy(poe_proxy, spelling),
         max_file_bytes=poe_max_file_mb * 1024 * 1024,
@@ -275,7 +281,33 @@ def parse_settings(
             header_hold=poe_header_hold_s,
             keepalive=poe_keepalive_s,
         ),
+        models_url=_models_url(poe_models_url, base_url, spelling),
     )
+
+
+def _models_url(value: str, base_url: str, spelling: Spelling) -> str | None:
+    value = value.strip()
+    if not value:
+        return None
+    if value == DEFAULT_MODELS_URL:
+        parts = urlsplit(base_url)
+        return f"{parts.scheme}://{parts.netloc}/v1/models"
+    try:
+        parts = urlsplit(value)
+        valid = parts.scheme in ("http", "https") and bool(parts.hostname)
+        parts.port  # noqa: B018 (raises ValueError for a port that is not a number)
+    except ValueError:
+        valid = False
+    if not valid:
+        name = spelling.name("poe_models_url")
+        raise ConfigError(
+            f"{name}={_without_password(value)!r} is not an http(s) URL; use e.g. "
+            f"{spelling.example('poe_models_url', 'https://api.poe.com/v1/models')}, "
+            f"{spelling.example('poe_models_url', 'auto')} (the list on "
+            f"{spelling.name('poe_base_url')}'s host) "
+            f"or an empty {name} to match model names against the map alone"
+        )
+    return value
 
 
 def _key_file(path: str, spelling: Spelling) -> list[str]:

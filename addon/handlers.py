@@ -62,7 +62,7 @@ def model_object(name: str) -> dict[str, Any]:
 
 async def list_models(service: Service, request: Request) -> Response:
     service.authenticate(request)  # listing spends nothing: no Poe key is picked
-    data = [model_object(name) for name in service.model_map.models]
+    data = [model_object(name) for name in service.model_map.names()]
     return JSONResponse({"object": "list", "data": data})
 
 
@@ -71,9 +71,9 @@ async def get_model(service: Service, request: Request) -> Response:
     name = request.path_params["model"]
     if not service.model_map.is_mapped(name):
         raise not_found(
-            f"The model `{name}` is not in this proxy's model map. Chat requests still send "
-            f"unmapped names to Poe as bot names, so `{name}` works if Poe has a bot of that "
-            "name.",
+            f"The model `{name}` is neither in this proxy's model map nor among the bots Poe "
+            "publishes (as far as the proxy learned them). Chat requests still send unknown "
+            f"names to Poe as bot names, so `{name}` works if Poe has a bot of that name.",
             "model_not_found",
         )
     return JSONResponse(model_object(name))
@@ -90,8 +90,8 @@ class Call:
     ) -> None:
         self.service = service
         self.auth = auth
+        self.model = model
         self.bot = bot
-        self.label = f"{model}->{bot} {fingerprint(auth.poe_key)}"
         self.started = time.monotonic()
         # What mitmproxy shows about this flow (comment, Poe query view): see poe_openai.py.
         self.info: dict[str, Any] = {"bot": bot, "key": fingerprint(auth.poe_key)}
@@ -104,17 +104,29 @@ class Call:
         self._usage: dict[str, int] | None = None
         self._completion_tokens: int | None = None
 
+    @property
+    def label(self) -> str:
+        """For the log: the model, the bot and the key that answers (after a failover, the
+        key that took over, not the one that failed)."""
+        return self.label_for(None)
+
+    def label_for(self, key: str | None) -> str:
+        tag = self.info["key"] if key is None else fingerprint(key)
+        return f"{self.model}->{self.bot} {tag}"
+
     def classify(self, e: PoeError, key: str | None = None) -> OpenAIError:
         key = self.auth.poe_key if key is None else key
         tag = "" if self.auth.client_key else fingerprint(key)
         return classify_failure(e.failure, client_key=self.auth.client_key, key_tag=tag)
 
     def failure(self, e: PoeError, when: str, key: str | None = None) -> OpenAIError:
-        err = self.classify(e, key)
+        return self.failed(self.classify(e, key), when, key)
+
+    def failed(self, err: OpenAIError, when: str, key: str | None = None) -> OpenAIError:
         self.info["error"] = f"{err.status} {err.code}: {err.message}"
         if when == "mid-stream":  # the others are counted with their HTTP status
             self.service.stats[f"stream error {err.code}"] += 1
-        logger.info("poe-openai: %s failed %s: %s", self.label, when, err)
+        logger.info("poe-openai: %s failed %s: %s", self.label_for(key), when, err)
         return err
 
     def safely(self, step: str, work: Callable[[], T], fallback: Callable[[], T]) -> T:
@@ -210,10 +222,13 @@ class Call:
                     # concern the key (an in-band limit of this bot): Poe's own answer.
                     if len(tried) == 1 or self.service.pool.any_usable():
                         raise self.failure(e, "before answering", key) from None
-                    logger.info("poe-openai: %s: no Poe key left", self.label)
+                    logger.info("poe-openai: %s: no Poe key left", self.label_for(key))
                     raise self.service.pool.exhausted() from None
                 logger.info(
-                    "poe-openai: %s: %s, trying %s", self.label, err.code, fingerprint(following)
+                    "poe-openai: %s: %s, trying %s",
+                    self.label_for(key),
+                    err.code,
+                    fingerprint(following),
                 )
                 key = following
 
@@ -542,11 +557,11 @@ async def image_generations(service: Service, request: Request) -> Response:
                 raise no_image(req.bot, runner.final_text)
             try:
                 data = await service.poe.download(files[0])
-            except PoeError as e:
-                err = call.failure(e, "fetching the image")
+            except OpenAIError as err:
+                call.failed(err, "fetching the image")
                 # The picture was made and paid for: a retry would pay for another.
                 err.headers.update(NO_RETRY)
-                raise err from None
+                raise
             items.append({"b64_json": base64.b64encode(data).decode()})
         else:
             # The files first: a replacement after an inline image drops its link from the text.

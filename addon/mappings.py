@@ -7,19 +7,34 @@ Schema::
       Claude-Sonnet-4:        # no value: the bot of the same name
 
 Errors name the file and line, so a typo is easy to find.
+
+A name resolves, in this order: the map (exact, then in any case), the bots Poe publishes (in
+any case; see catalog.py), then the same two for a dated snapshot's family
+("gpt-4o-2024-08-06" -> "gpt-4o"); anything else goes to Poe as written.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
+from addon.catalog import PoeBots
+
 # Poe bot names are letters, digits, dots, dashes and underscores; anything else cannot be a
 # URL path segment of the bot API.
 BOT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+# OpenAI's dated snapshot ids: "gpt-4o-2024-08-06", "gpt-5-2025-08-07", "gpt-4-0613".
+SNAPSHOT = re.compile(r"-(?:\d{4}-\d{2}-\d{2}|\d{4})$")
+
+
+def family(model: str) -> str | None:
+    """The model a dated snapshot id belongs to, or None for a name that is not one."""
+    base = SNAPSHOT.sub("", model)
+    return base if base != model and base else None
 
 
 class MappingError(ValueError):
@@ -31,15 +46,38 @@ class ModelMap:
     models: dict[str, str] = field(default_factory=dict)
     source: str = ""
 
+    # Poe's published bots (shared, filled in the background); not part of the map's identity.
+    published: PoeBots = field(default_factory=PoeBots, compare=False, repr=False)
+
     def bot_for(self, model: str) -> str:
-        """The Poe bot for an OpenAI model name; unmapped names are bot names themselves."""
-        bot = self.models.get(model)
-        if bot is None:
-            bot = self._folded().get(model.casefold(), model)
-        return bot
+        """The Poe bot for an OpenAI model name; unknown names are bot names themselves."""
+        return self.lookup(model) or model
+
+    def lookup(self, model: str) -> str | None:
+        """The bot the map or Poe's published list gives ``model`` (or its snapshot's
+        family), or None."""
+        for name in (model, family(model)):
+            if name is None:
+                continue
+            bot = (
+                self.models.get(name)
+                or self._folded().get(name.casefold())
+                or self.published.match(name)
+            )
+            if bot is not None:
+                return bot
+        return None
 
     def is_mapped(self, model: str) -> bool:
-        return model in self.models or model.casefold() in self._folded()
+        return self.lookup(model) is not None
+
+    def names(self) -> list[str]:
+        """What /v1/models lists: the map's names, then Poe's bots the map does not name."""
+        folded = self._folded()
+        return [*self.models, *(b for b in self.published.names if b.casefold() not in folded)]
+
+    def with_published(self, published: PoeBots) -> ModelMap:
+        return dataclasses.replace(self, published=published)
 
     def _folded(self) -> dict[str, str]:
         # Small maps; rebuilt lazily and cached on the frozen instance.

@@ -31,7 +31,7 @@ from fastapi_poe.client import (
 )
 from fastapi_poe.types import Attachment, MetaResponse, QueryRequest
 
-from addon.errors import PoeFailure
+from addon.errors import OpenAIError, PoeFailure
 from addon.files import FileInput
 from addon.reuse import FinishAfterDone
 
@@ -121,6 +121,19 @@ def _describe_transport(exc: httpx.HTTPError) -> str:
     kind = type(exc).__name__
     text = str(exc)
     return f"{kind}: {text}" if text else kind
+
+
+def image_fetch_failed(url: str, why: str) -> OpenAIError:
+    """The bot made its image (and Poe charged for it), but fetching it from Poe's file
+    host failed: say that, not that Poe could not be reached."""
+    host = httpx.URL(url).host if url.startswith(("https://", "http://")) else url[:100]
+    return OpenAIError(
+        502,
+        f"The bot made the image, but fetching it from {host} failed: {why}. "
+        "response_format=url returns its link instead.",
+        "server_error",
+        "image_fetch_failed",
+    )
 
 
 def _convert(message: Any) -> PoeEvent | None:
@@ -330,22 +343,20 @@ class PoeClient:
         return attachment
 
     async def download(self, url: str) -> bytes:
-        """Fetch a file a bot produced (Poe's own CDN), for answers that want bytes."""
+        """Fetch a file a bot produced (Poe's own CDN), for answers that want bytes.
+        Raises OpenAIError naming what failed: Poe answered; its file could not be fetched."""
         if not url.startswith(("https://", "http://")):
-            raise PoeError(PoeFailure(url, transport="the bot's file has no http(s) URL"))
+            raise image_fetch_failed(url, "it has no http(s) URL")
         try:
             async with self.sessions[0].stream("GET", url) as response:
                 if response.status_code >= 400:
-                    raise PoeError(
-                        PoeFailure(
-                            url, transport=f"HTTP {response.status_code} fetching the bot's file"
-                        )
-                    )
+                    raise image_fetch_failed(url, f"HTTP {response.status_code}")
                 data = bytearray()
                 async for chunk in response.aiter_bytes():
                     data += chunk
                     if len(data) > self.MAX_DOWNLOAD:
-                        raise PoeError(PoeFailure(url, transport="the bot's file is too large"))
+                        limit = self.MAX_DOWNLOAD // (1024 * 1024)
+                        raise image_fetch_failed(url, f"it is larger than {limit} MB")
                 return bytes(data)
         except httpx.HTTPError as e:
-            raise PoeError(PoeFailure(url, transport=_describe_transport(e))) from None
+            raise image_fetch_failed(url, _describe_transport(e)) from None

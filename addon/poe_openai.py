@@ -37,12 +37,13 @@ from mitmproxy.proxy.mode_specs import (
     WireGuardMode,
 )
 
-from addon import gctune, views
+from addon import catalog, gctune, views
 from addon.app import FLOW_HEADER, create_app
 from addon.config import (
     DEFAULT_BASE_URL,
     DEFAULT_HOSTS,
     DEFAULT_MAPPINGS,
+    DEFAULT_MODELS_URL,
     DEFAULT_UPLOAD_URL,
     DEFAULTS,
     ConfigError,
@@ -56,10 +57,11 @@ from addon.config import (
 from addon.errors import NO_RETRY, OpenAIError, internal_error, method_not_allowed
 from addon.mappings import MappingError, ModelMap, load_mappings
 from addon.poe import PoeClient
-from addon.quietlog import OwnStreamNotices
+from addon.quietlog import OwnStreamNotices, quiet_cancelled_client_tasks
 from addon.routing import is_answered
 from addon.server import LoopbackServer
 from addon.service import Service
+from addon.status import client_key_advice, summary
 from addon.status import status as status_report
 
 logger = logging.getLogger(__name__)
@@ -165,6 +167,14 @@ OPTIONS: tuple[tuple[str, Any, Any, str], ...] = (
         "non-loopback listener (no poe_access_tokens, no proxyauth).",
     ),
     (
+        "poe_models_url",
+        str,
+        DEFAULT_MODELS_URL,
+        "Poe's model list, fetched in the background at start-up: a model name the map does "
+        "not hold is matched against Poe's bots whatever its case. 'auto': /v1/models on "
+        "poe_base_url's host (https://api.poe.com/v1/models); empty: the map alone.",
+    ),
+    (
         "poe_response_store_size",
         int,
         1000,
@@ -201,6 +211,7 @@ SETTINGS_OPTIONS = (
     "poe_total_timeout_s",
     "poe_header_hold_s",
     "poe_keepalive_s",
+    "poe_models_url",
 )
 
 
@@ -413,12 +424,15 @@ class PoeOpenAI:
         self.service: Service | None = None
         self.server: LoopbackServer | None = None
         self.watcher: asyncio.Task[None] | None = None
+        self.published = catalog.PoeBots()  # Poe's bots, shared by every map loaded
+        self.learning: asyncio.Task[None] | None = None
         self.notices = OwnStreamNotices()
         self.configured = False  # configure() ran (mitmproxy applied the options)
         self.refusals: list[str] = []  # why start-up was refused (each logged once)
 
     def load(self, loader: Loader) -> None:
         self.notices.install()
+        quiet_cancelled_client_tasks()  # (stays: the noise comes after done())
         for view in views.VIEWS:
             contentviews.add(view)
         with contextlib.suppress(RuntimeError):  # no event loop: nothing runs anyway
@@ -486,7 +500,7 @@ class PoeOpenAI:
             return self.settings, self.service.model_map
         settings = parse_settings(**{name: getattr(ctx.options, name) for name in SETTINGS_OPTIONS})
         try:
-            return settings, load_mappings(settings.mappings_path)
+            return settings, load_mappings(settings.mappings_path).with_published(self.published)
         except MappingError as e:
             raise ConfigError(f"poe_mappings: {e}") from None
 
@@ -512,6 +526,8 @@ class PoeOpenAI:
             )
             return
         self.service.reconfigure(settings, model_map)
+        if self.watcher is not None and (old is None or old.models_url != settings.models_url):
+            self._learn_bots()
         endpoints = (settings.base_url, settings.proxy, settings.upload_url)
         if old is None or (old.base_url, old.proxy, old.upload_url) != endpoints:
             previous = self.service.poe
@@ -531,17 +547,26 @@ class PoeOpenAI:
             with contextlib.suppress(NotImplementedError, RuntimeError, AttributeError):
                 loop.add_signal_handler(signal.SIGUSR1, self.log_status)
             self.watcher = loop.create_task(self.watch_mappings())
+            self._learn_bots()
         s = self.settings
-        logger.info(
-            "poe-openai: answering %s with Poe (%s) | auth: %s | %d mapped models from %s",
-            ", ".join(sorted(s.hosts)),
-            s.base_url,
-            s.auth_mode,
-            len(self.service.model_map.models),
-            s.mappings_path,
-        )
-        for line in client_settings(ctx.options.mode if "mode" in ctx.options else []):
+        answering = ", ".join(sorted(s.hosts))
+        logger.info("poe-openai: %s", summary(s, self.service.model_map, answering))
+        for line in client_settings(ctx.options.mode if "mode" in ctx.options else [], s):
             logger.info("poe-openai: %s", line)
+
+    def _learn_bots(self) -> None:
+        """(Re)start learning Poe's published bots in the background: nothing waits for it."""
+        if self.learning is not None:
+            self.learning.cancel()
+            self.learning = None
+        assert self.settings is not None
+        url = self.settings.models_url
+        if url is None:
+            self.published.forget()
+            return
+        self.learning = asyncio.get_running_loop().create_task(
+            catalog.learn(self.published, url, self.settings.proxy)
+        )
 
     def _ensure_server(self) -> LoopbackServer:
         """The loopback app server; started on first need, since a request can arrive
@@ -565,6 +590,9 @@ class PoeOpenAI:
         if self.watcher is not None:
             self.watcher.cancel()
             self.watcher = None
+        if self.learning is not None:
+            self.learning.cancel()
+            self.learning = None
         with contextlib.suppress(NotImplementedError, RuntimeError, AttributeError, ValueError):
             asyncio.get_running_loop().remove_signal_handler(signal.SIGUSR1)
         if self.server is not None:
@@ -593,7 +621,7 @@ class PoeOpenAI:
         if self.service is None or self.settings is None:
             return "not configured"
         try:
-            model_map = load_mappings(self.settings.mappings_path)
+            model_map = load_mappings(self.settings.mappings_path).with_published(self.published)
         except MappingError as e:
             logger.error("poe-openai: %s; keeping the previous map", e)
             return f"error: {e}"
@@ -744,10 +772,11 @@ class PoeOpenAI:
         redact(flow)
 
 
-def client_settings(modes: collections.abc.Sequence[str]) -> list[str]:
+def client_settings(modes: collections.abc.Sequence[str], settings: Settings) -> list[str]:
     """For the start-up banner: what a client should set, per listener."""
     confdir = ctx.options.confdir if "confdir" in ctx.options else "~/.mitmproxy"
     ca = f"{confdir}/mitmproxy-ca-cert.pem"
+    key = client_key_advice(settings)
     lines = []
     for spec in modes:
         try:
@@ -758,14 +787,22 @@ def client_settings(modes: collections.abc.Sequence[str]) -> list[str]:
         port = mode.listen_port()
         where = f"{host or '127.0.0.1'}:{port}"
         if isinstance(mode, ReverseMode):
-            lines.append(f"{spec}: clients set base URL http://{where}/v1 (any API key)")
+            lines.append(f"{spec}: clients set base URL http://{where}/v1; API key: {key}")
         elif isinstance(mode, RegularMode):
             lines.append(
                 f"{spec}: clients set HTTPS_PROXY=http://{where} and trust {ca} "
-                f"(e.g. SSL_CERT_FILE={ca}, NODE_EXTRA_CA_CERTS={ca})"
+                f"(Python: SSL_CERT_FILE={ca}); API key: {key}"
+            )
+            # Node's built-in fetch ignores HTTPS_PROXY: the CA alone sends calls to OpenAI.
+            lines.append(
+                f"{spec}: Node clients also need NODE_EXTRA_CA_CERTS={ca} and, since Node's "
+                "fetch ignores HTTPS_PROXY, NODE_USE_ENV_PROXY=1 (Node 24+) or undici's "
+                "EnvHttpProxyAgent (fetchOptions: { dispatcher: new EnvHttpProxyAgent() })"
             )
         else:
-            lines.append(f"{spec}: clients trust {ca}; see mitmproxy's docs for this mode")
+            lines.append(
+                f"{spec}: clients trust {ca}; see mitmproxy's docs for this mode; API key: {key}"
+            )
     return lines
 
 

@@ -1,9 +1,14 @@
-"""Drops mitmproxy's "Streaming response from api.openai.com." line for answers the addon
-streams: nothing came from OpenAI (the addon's own line says what did happen), and each log
-record is handed to every addon's add_log hook, a measurable part of a request's CPU."""
+"""Drops noise that is no news.
+
+mitmproxy's "Streaming response from api.openai.com." line for answers the addon streams:
+nothing came from OpenAI (the addon's own line says what did happen), and each log record is
+handed to every addon's add_log hook, a measurable part of a request's CPU. And an asyncio
+bug's report of client connections cancelled at exit.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections import Counter
 
@@ -49,3 +54,24 @@ class OwnStreamNotices(logging.Filter):
 
     def uninstall(self) -> None:
         logging.getLogger(MITMPROXY_LOGGER).removeFilter(self)
+
+
+class CancelledClientTasks(logging.Filter):
+    """Python 3.12.0-3.12.1's asyncio reports a client connection's task cancelled at exit as
+    an error ("Exception in callback StreamReaderProtocol.connection_made.<locals>.callback"
+    and a CancelledError traceback, one per connection still open when mitmproxy stops);
+    later releases check ``task.cancelled()`` first. A cancelled task at exit is the intended
+    end of that connection: only exactly that record is dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not (
+            isinstance(exc, asyncio.CancelledError)
+            and "StreamReaderProtocol.connection_made.<locals>.callback" in str(record.msg)
+        )
+
+
+def quiet_cancelled_client_tasks() -> None:
+    asyncio_logger = logging.getLogger("asyncio")
+    if not any(isinstance(f, CancelledClientTasks) for f in asyncio_logger.filters):
+        asyncio_logger.addFilter(CancelledClientTasks())

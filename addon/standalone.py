@@ -8,26 +8,32 @@ Configuration comes from the environment, with the addon's option names in capit
 POE_API_KEY, POE_API_KEY_FILE, POE_ACCESS_TOKENS (comma-separated), POE_MAPPINGS, POE_BASE_URL,
 POE_UPLOAD_URL, POE_PROXY, POE_MAX_FILE_MB, POE_MAX_BODY_MB, the POE_*_TIMEOUT_S /
 POE_HEADER_HOLD_S / POE_KEEPALIVE_S durations, POE_RESPONSE_STORE_SIZE /
-POE_RESPONSE_STORE_MINUTES and POE_ALLOW_OPEN_RELAY.
+POE_RESPONSE_STORE_MINUTES, POE_MODELS_URL and POE_ALLOW_OPEN_RELAY.
+
+It logs as the addon does: a start-up summary and one line per answer, on stderr.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import difflib
 import logging
 import os
 import sys
 from collections.abc import AsyncIterator, Mapping
+from typing import Any
 
 from starlette.applications import Starlette
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from addon import catalog
 from addon.app import create_app
 from addon.config import (
     DEFAULT_BASE_URL,
     DEFAULT_HOSTS,
     DEFAULT_MAPPINGS,
+    DEFAULT_MODELS_URL,
     DEFAULT_UPLOAD_URL,
     ENV,
     ConfigError,
@@ -42,6 +48,7 @@ from addon.errors import NO_RETRY, OpenAIError
 from addon.mappings import MappingError, load_mappings
 from addon.poe import PoeClient
 from addon.service import Service, error_response
+from addon.status import client_key_advice, summary
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +72,7 @@ ENV_NAMES = frozenset(
         "poe_base_url",
         "poe_upload_url",
         "poe_proxy",
+        "poe_models_url",
         "poe_allow_open_relay",
         *INTEGER_OPTIONS,
         *STORE_OPTIONS,
@@ -90,6 +98,7 @@ def settings_from_env(env: Mapping[str, str] | None = None) -> Settings:
         poe_base_url=env.get("POE_BASE_URL", DEFAULT_BASE_URL),
         poe_upload_url=env.get("POE_UPLOAD_URL", DEFAULT_UPLOAD_URL),
         poe_proxy=env.get("POE_PROXY", ""),
+        poe_models_url=env.get("POE_MODELS_URL", DEFAULT_MODELS_URL),
         environ=env,
         spelling=ENV,
         **integers,
@@ -118,8 +127,9 @@ def open_relay(settings: Settings, env: Mapping[str, str]) -> bool:
     return bool(settings.api_keys) and not settings.access_tokens and not allows_open_relay(env)
 
 
-def build(env: Mapping[str, str]) -> Starlette:
-    """The app for this environment; a ConfigError names the environment variable to fix."""
+def build(env: Mapping[str, str], address: str | None = None) -> Starlette:
+    """The app for this environment; a ConfigError names the environment variable to fix.
+    ``address`` (host:port), when the caller knows it, goes into the start-up summary."""
     settings = settings_from_env(env)
     relay = open_relay(settings, env)
     allows_open_relay(env)  # judged even when no key makes it moot: a typo is still a typo
@@ -134,8 +144,9 @@ def build(env: Mapping[str, str]) -> Starlette:
                 f"{name.upper()}={value} must be at least 1; use e.g. "
                 f"{name.upper()}={STORE_OPTIONS[name]}"
             )
+    published = catalog.PoeBots()
     try:
-        model_map = load_mappings(settings.mappings_path)
+        model_map = load_mappings(settings.mappings_path).with_published(published)
     except MappingError as e:
         raise ConfigError(f"POE_MAPPINGS: {e}") from None
     poe = PoeClient(settings.base_url, settings.proxy, settings.upload_url)
@@ -145,14 +156,69 @@ def build(env: Mapping[str, str]) -> Starlette:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        log_to_stderr()  # (once serving: building the app alone changes no logging)
         service.load_tokenizer()
-        yield
-        await poe.aclose()
+        learning = None
+        if settings.models_url is not None:  # in the background: nothing waits for it
+            learning = asyncio.create_task(
+                catalog.learn(published, settings.models_url, settings.proxy)
+            )
+        for line in start_up_lines(service, address):
+            logger.info("poe-openai: %s", line)
+        try:
+            yield
+        finally:
+            if learning is not None:
+                learning.cancel()
+            await poe.aclose()
 
     app = create_app(service, lifespan)
     if relay:
         app.add_middleware(LoopbackClientsOnly)
     return app
+
+
+def start_up_lines(service: Service, address: str | None) -> list[str]:
+    """The plain server's start-up summary, in the addon's words."""
+    settings = service.settings
+    where = address or "the address uvicorn reports"
+    return [
+        summary(settings, service.model_map, "OpenAI API calls", ENV),
+        f"clients set base URL http://{where}/v1; API key: {client_key_advice(settings, ENV)}",
+    ]
+
+
+class _Stderr(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to whatever sys.stderr is when a line is logged (as logging's last resort
+    does), not to the stream of the moment the handler was made."""
+
+    @property  # type: ignore[override]
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass
+
+
+class _Clock(logging.Formatter):
+    """mitmproxy's look: "[21:58:24.457] poe-openai: ..."."""
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        return super().formatTime(record, "%H:%M:%S") + f".{int(record.msecs):03d}"
+
+
+def log_to_stderr() -> None:
+    """The addon's log lines (start-up, one per answer, warnings) on stderr, as mitmproxy
+    shows them; without this, Python drops every INFO line outside mitmproxy."""
+    package = logging.getLogger("addon")
+    if any(getattr(h, "poe_openai", False) for h in package.handlers):
+        return
+    handler = _Stderr()
+    handler.setFormatter(_Clock("[%(asctime)s] %(message)s"))
+    handler.poe_openai = True  # type: ignore[attr-defined]
+    package.addHandler(handler)
+    package.setLevel(logging.INFO)
 
 
 def create(env: Mapping[str, str] | None = None) -> Starlette:

@@ -7,6 +7,9 @@ import os
 from collections import Counter
 from typing import Any
 
+from addon.catalog import PoeBots
+from addon.config import OPTION, Settings, Spelling
+from addon.mappings import ModelMap
 from addon.service import Service
 
 
@@ -36,6 +39,7 @@ def status(service: Service) -> dict[str, Any]:
         "answering": sorted(settings.hosts),
         "auth": settings.auth_mode,
         "mappings": {"file": str(settings.mappings_path), "models": len(service.model_map.models)},
+        "poe_bots": service.model_map.published.status(),
         "keys": service.pool.status(),
         "counts": dict(sorted(service.stats.items())),
         "in_flight": len(service.running),
@@ -49,3 +53,32 @@ def status(service: Service) -> dict[str, Any]:
         "asyncio_task_kinds": dict(kinds.most_common(5)),
         "rss_mb": rss_mb(),
     }
+
+
+def summary(
+    settings: Settings, model_map: ModelMap, answering: str, spelling: Spelling = OPTION
+) -> str:
+    """The start-up line, the addon's and the plain server's alike."""
+    return (
+        f"answering {answering} with Poe ({settings.base_url}) | auth: {settings.auth_mode} | "
+        f"{len(model_map.models)} mapped models from {settings.mappings_path} | "
+        f"{published_summary(model_map.published, settings.models_url, spelling)}"
+    )
+
+
+def published_summary(published: PoeBots, url: str | None, spelling: Spelling = OPTION) -> str:
+    """The banner's word on Poe's bot list (learned in the background: its count follows)."""
+    if url is None:
+        return f"Poe's bot list: off ({spelling.name('poe_models_url')} is empty)"
+    if published.state == "learned" and published.source == url:
+        return f"{len(published)} Poe bots learned from {url}"
+    return f"learning Poe's bots from {url}"
+
+
+def client_key_advice(settings: Settings, spelling: Spelling = OPTION) -> str:
+    """What a client must send as its API key, in this auth mode."""
+    if settings.access_tokens:
+        return f"a token from {spelling.name('poe_access_tokens')} (other keys get 401)"
+    if settings.api_keys:
+        return "any (the proxy's Poe key answers)"
+    return "the user's own Poe key, from poe.com/api_key (the proxy holds none)"

@@ -370,8 +370,14 @@ class FakePoe:
                 Route("/bot/{name}", self._bot_endpoint, methods=["POST"]),
                 Route(f"/poe_api/{UPLOAD_PATH}", self._upload_endpoint, methods=["POST"]),
                 Route("/cdn/{name}", self._cdn_endpoint, methods=["GET"]),
+                Route("/v1/models", self._models_endpoint, methods=["GET"]),
             ]
         )
+        # Poe's public model list (GET /v1/models): the bots it publishes, or a failure.
+        self.published: list[str] = []
+        self.published_status = 200
+        self.published_delay = 0.0  # seconds before the list is sent
+        self.model_list_fetches = 0
         self._files: dict[str, tuple[bytes, str]] = {}
         self.downloads: list[str] = []
         self.upload_delay = 0.0  # seconds each upload takes (for uploads that overlap)
@@ -388,6 +394,19 @@ class FakePoe:
             return Response(status_code=404)
         data, content_type = self._files[name]
         return Response(data, media_type=content_type)
+
+    async def _models_endpoint(self, request: Request) -> Response:
+        """Poe's OpenAI-compatible model list: public, no key needed."""
+        self.model_list_fetches += 1
+        if self.published_delay:
+            await asyncio.sleep(self.published_delay)
+        if self.published_status != 200:
+            return JSONResponse({"error": {"message": "unavailable"}}, self.published_status)
+        data = [
+            {"id": name, "object": "model", "created": 1_750_000_000, "owned_by": "Poe"}
+            for name in self.published
+        ]
+        return JSONResponse({"object": "list", "data": data})
 
     # ----------------------------------------------------------------- lifecycle
 

@@ -291,6 +291,7 @@ class PoeReference(FakePoe):
             routes=[
                 Route(f"/poe_api/{UPLOAD_PATH}", self._upload_endpoint, methods=["POST"]),
                 Route("/cdn/{name}", self._cdn_endpoint, methods=["GET"]),
+                Route("/v1/models", self._models_endpoint, methods=["GET"]),
                 Route(f"/{BOT_FILES}/{UPLOAD_PATH}", self._bot_file_endpoint, methods=["POST"]),
             ]
         )

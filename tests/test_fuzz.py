@@ -57,7 +57,14 @@ SEED = 20_240_601
 ALLOWED = frozenset({200, 204, 400, 401, 403, 404, 405, 413, 422, 429, 502, 504})
 # 502/504 codes that mean "the bot (or Poe) failed", not "the proxy failed"
 BOT_CAUSED = frozenset(
-    {"poe_error", "poe_unreachable", "timeout", "no_image", "invalid_json_output"}
+    {
+        "poe_error",
+        "poe_unreachable",
+        "timeout",
+        "no_image",
+        "invalid_json_output",
+        "image_fetch_failed",
+    }
 )
 # Scripted on the stand-in Poe server before the tests.
 OK_BOTS = ("Fuzz-Ok", "Fuzz-Ok-2")
