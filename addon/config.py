@@ -109,6 +109,52 @@ class Timeouts:
 
 
 @dataclass(frozen=True)
+class StateURL:
+    """Where shared state lives (poe_state_url): a Redis or Valkey server."""
+
+    url: str = field(repr=False)  # may hold a password
+    host: str
+    port: int
+    db: int
+    tls: bool
+    password: str | None = field(default=None, repr=False)  # from POE_STATE_PASSWORD
+
+    def describe(self) -> str:
+        """Host and database only: a password never reaches a log."""
+        scheme = "rediss" if self.tls else "redis"
+        return f"{scheme}://{self.host}:{self.port}/{self.db}"
+
+
+def parse_state_url(
+    value: str, spelling: Spelling = OPTION, password: str | None = None
+) -> StateURL | None:
+    """None for empty (in-process state); a ConfigError with the fix for anything else."""
+    value = value.strip()
+    if not value:
+        return None
+    option = spelling.name("poe_state_url")
+    example = spelling.example("poe_state_url", "redis://127.0.0.1:6379/0")
+    try:
+        parts = urlsplit(value)
+        host, port, given = parts.hostname or "", parts.port or 6379, parts.password
+    except ValueError:
+        parts, host, port, given = urlsplit(""), "", 0, None
+    shown = _without_password(value)
+    if parts.scheme not in ("redis", "rediss") or not host:
+        raise ConfigError(
+            f"{option}={shown!r} is not a Redis URL; use e.g. {example} (rediss:// for TLS)"
+        )
+    db = parts.path.strip("/") or "0"
+    if not db.isdigit() or parts.query or parts.fragment:
+        raise ConfigError(
+            f"{option}={shown!r}: give redis://[:password@]host:port/db with a database "
+            f"number and nothing after it; e.g. {example}"
+        )
+    tls = parts.scheme == "rediss"
+    return StateURL(value, host, port, int(db), tls, None if given else password)
+
+
+@dataclass(frozen=True)
 class Settings:
     api_keys: tuple[str, ...]
     access_tokens: tuple[str, ...]
@@ -120,6 +166,7 @@ class Settings:
     max_file_bytes: int = 50 * 1024 * 1024
     max_body_bytes: int = 64 * 1024 * 1024
     timeouts: Timeouts = field(default_factory=lambda: Timeouts())
+    state_url: StateURL | None = None  # None: in-process state
 
     @property
     def auth_mode(self) -> str:
@@ -205,6 +252,7 @@ def parse_settings(
     poe_total_timeout_s: int = 900,
     poe_header_hold_s: int = 10,
     poe_keepalive_s: int = 15,
+    poe_state_url: str = "",
     environ: Mapping[str, str] | None = None,
     spelling: Spelling = OPTION,
 ) -> Settings:
@@ -276,6 +324,8 @@ def parse_settings(
             header_hold=poe_header_hold_s,
             keepalive=poe_keepalive_s,
         ),
+        # A password may come from the environment, to keep it out of options and ps
+        state_url=parse_state_url(poe_state_url, spelling, env.get("POE_STATE_PASSWORD")),
     )
 
 
@@ -300,6 +350,12 @@ def _key_file(path: str, spelling: Spelling) -> list[str]:
 
 # A comment starts a line or follows a space: "poe-key  # second account" is the key alone.
 COMMENT = re.compile(r"(^|\s)#.*")
+
+
+@functools.lru_cache(maxsize=256)
+def secret_digest(secret: str) -> str:
+    """A key's full digest: how shared state (Redis) names it, never the key itself."""
+    return hashlib.sha256(secret.encode("utf-8", "surrogateescape")).hexdigest()
 
 
 @functools.lru_cache(maxsize=256)

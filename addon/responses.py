@@ -141,6 +141,20 @@ def _item_kind(item: dict[str, Any]) -> object:
     return kind
 
 
+def referenced_ids(value: object) -> list[str]:
+    """The item ids an ``input`` refers to (item_reference items), for fetching them first:
+    the lookup input_to_messages takes is a plain function of what was fetched."""
+    if not isinstance(value, list):
+        return []
+    return [
+        item["id"]
+        for item in value
+        if isinstance(item, dict)
+        and _item_kind(item) == "item_reference"
+        and isinstance(item.get("id"), str)
+    ]
+
+
 def references_too_large(limit: int, where: str) -> OpenAIError:
     return OpenAIError(
         413,
