@@ -186,22 +186,33 @@ class LocalState:
 
 # ARGV: record, ttl ms, id, key prefix, max entries, output item ids...
 # Stores one response, indexes its output items, and keeps the store within its size: the
-# oldest responses beyond max_entries go first (the server's clock decides, for every instance).
+# oldest responses beyond max_entries go first, with their item index (the server's clock
+# decides, for every instance).
 _PUT = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local ttl = tonumber(ARGV[2])
+local p = ARGV[4]
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ttl)
+local items = {}
 for i = 6, #ARGV do
-  redis.call('SET', ARGV[4] .. 'item:' .. ARGV[i], ARGV[3], 'PX', ttl)
+  redis.call('SET', p .. 'item:' .. ARGV[i], ARGV[3], 'PX', ttl)
+  items[#items + 1] = ARGV[i]
 end
+redis.call('SET', p .. 'items:' .. ARGV[3], table.concat(items, ' '), 'PX', ttl)
 redis.call('ZADD', KEYS[2], now, ARGV[3])
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - ttl)
 redis.call('PEXPIRE', KEYS[2], ttl)
 local over = redis.call('ZCARD', KEYS[2]) - tonumber(ARGV[5])
 if over > 0 then
   local old = redis.call('ZPOPMIN', KEYS[2], over)
-  for i = 1, #old, 2 do redis.call('DEL', ARGV[4] .. 'resp:' .. old[i]) end
+  for i = 1, #old, 2 do
+    local listed = redis.call('GET', p .. 'items:' .. old[i])
+    if listed then
+      for item in string.gmatch(listed, '%S+') do redis.call('DEL', p .. 'item:' .. item) end
+    end
+    redis.call('DEL', p .. 'resp:' .. old[i], p .. 'items:' .. old[i])
+  end
 end
 return redis.call('ZCARD', KEYS[2])
 """
@@ -323,7 +334,7 @@ class RedisState:
 
         async def delete() -> None:
             async with self.redis.pipeline(transaction=True) as pipe:
-                pipe.delete(f"{PREFIX}resp:{response_id}", *items)
+                pipe.delete(f"{PREFIX}resp:{response_id}", f"{PREFIX}items:{response_id}", *items)
                 pipe.zrem(f"{PREFIX}responses", response_id)
                 await pipe.execute()
 
