@@ -151,7 +151,8 @@ def build(env: Mapping[str, str]) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         service.load_tokenizer()
-        logger.info("poe-openai: %s", state_line(service.state))
+        # (through uvicorn's logger: the server shows its INFO lines, not ours)
+        logging.getLogger("uvicorn.error").info("poe-openai: %s", state_line(service.state))
         yield
         await poe.aclose()
         await service.state.aclose()
