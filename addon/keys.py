@@ -24,6 +24,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_COOLDOWN_S = 10.0  # an HTTP 429 without Retry-After
 OUT_OF_POINTS_COOLDOWN_S = 3600.0
+MAX_REST_S = 24 * 3600.0  # the longest Retry-After honoured
 
 
 @dataclass
@@ -125,8 +126,9 @@ class KeyPool:
             return
         state.rejected = True
         state.reason = "rejected by Poe"
+        until = "restart" if isinstance(self.state, LocalState) else "24 h, by any instance"
         logger.warning(
-            "poe-openai: %s was rejected by Poe; not used again until restart", state.tag
+            "poe-openai: %s was rejected by Poe; not used again for %s", state.tag, until
         )
         with contextlib.suppress(Unavailable):
             await self.state.reject_key(state.digest)
@@ -207,6 +209,8 @@ def retry_after_seconds(value: str | None) -> float | None:
     if not value:
         return None
     try:
-        return max(0.0, float(value))
+        seconds = float(value)
     except ValueError:
         return None
+    # "inf" or "1e400" would rest a key past what a clock (or Redis's expiry) can hold
+    return min(max(0.0, seconds), MAX_REST_S) if math.isfinite(seconds) else None

@@ -14,7 +14,7 @@ import redis
 from redisd import RedisServer
 
 from addon.config import parse_state_url, secret_digest
-from addon.keys import KeyPool
+from addon.keys import MAX_REST_S, KeyPool, retry_after_seconds
 from addon.service import owner_of
 from addon.state import LocalState, RedisState, State, Unavailable
 
@@ -240,3 +240,30 @@ def test_state_url_is_judged_and_shown_without_its_password() -> None:
         with pytest.raises(ConfigError) as caught:
             parse_state_url(bad)
         assert "pw" not in str(caught.value) and "redis://127.0.0.1:6379/0" in str(caught.value)
+
+
+def test_a_retry_after_past_any_clock_rests_a_key_a_day_at_most(
+    kind: str, server: RedisServer
+) -> None:
+    """(A sibling: "inf" made the exhausted message's ceil() raise, and Redis's expiry cannot
+    hold it.) What a Retry-After asks is bounded before any state sees it."""
+    assert retry_after_seconds("99999999999") == MAX_REST_S
+    assert retry_after_seconds("inf") is None and retry_after_seconds("nan") is None
+    assert retry_after_seconds("1e400") is None and retry_after_seconds("-5") == 0.0
+
+    async def body(state: State) -> None:
+        pool = KeyPool(["key-a"], state=state)
+        await pool.cool("key-a", retry_after_seconds("99999999999") or 0, "rate-limited")
+        assert await pool.pick() is None
+        assert "try again in 86400 s" in pool.exhausted().message
+
+    run(kind, server, body)
+
+
+def test_state_url_mistakes_name_the_environment_variable_for_the_plain_server() -> None:
+    from addon.config import ENV, ConfigError
+
+    with pytest.raises(ConfigError) as caught:
+        parse_state_url("localhost:6379", ENV)
+    assert str(caught.value).startswith("POE_STATE_URL='localhost:6379' is not a Redis URL")
+    assert "POE_STATE_URL=redis://127.0.0.1:6379/0" in str(caught.value)
