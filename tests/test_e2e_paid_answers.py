@@ -138,7 +138,7 @@ class BrokenEncoding:
         raise RuntimeError("tokenizer broke")
 
 
-def broken_put(self, response, conversation):
+def broken_put(self, response, conversation, owner=""):
     raise RuntimeError("store broke")
 
 
