@@ -125,6 +125,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="throughput runs per setup")
     parser.add_argument("--concurrency", type=int, default=32)
     args = parser.parse_args()
+    print(
+        "load average at start: {:.1f} {:.1f} {:.1f} on {} cores".format(
+            *os.getloadavg(), os.cpu_count()
+        )
+    )
     poe = PoeServer()
     try:
         with RedisServer() as store:
