@@ -22,7 +22,8 @@ class RedisServer:
     """``redis-server --port N --save '' --appendonly no``; stop() and start() keep the port,
     so a proxy pointed at it sees an outage and then the server back (empty)."""
 
-    def __init__(self) -> None:
+    def __init__(self, password: str = "") -> None:
+        self.password = password
         binary = shutil.which("redis-server") or shutil.which("valkey-server")
         if binary is None:
             raise RuntimeError(
@@ -46,6 +47,7 @@ class RedisServer:
                 "--save", "",
                 "--appendonly", "no",
                 "--dir", str(self.dir),
+                *(["--requirepass", self.password] if self.password else []),
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -65,7 +67,8 @@ class RedisServer:
         try:
             with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
                 s.sendall(b"PING\r\n")
-                return s.recv(16).startswith(b"+PONG")
+                # (a server with a password answers NOAUTH: it is up all the same)
+                return s.recv(64).startswith((b"+PONG", b"-NOAUTH"))
         except OSError:
             return False
 

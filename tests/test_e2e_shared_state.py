@@ -328,3 +328,29 @@ def test_redis_stopped_and_started_again_mid_run(fake_poe: FakePoe, bot: str) ->
             assert instance.output.count("cannot be reached") == 1, instance.output
             assert instance.output.count("is back; sharing again") == 1, instance.output
             assert "Traceback" not in instance.output
+
+
+def test_a_password_protected_store_is_named_without_its_password(
+    fake_poe: FakePoe, bot: str
+) -> None:
+    """The password in the URL (mitmdump) or in POE_STATE_PASSWORD (plain server) opens the
+    store; the start-up line, poe.status and the log name host and database only."""
+    secret = "s3cret-store-pw"
+    with RedisServer(password=secret) as store:
+        at = f"127.0.0.1:{store.port}/3"
+        opts = poe_options(
+            fake_poe,
+            poe_api_key=POE_KEY,
+            poe_access_tokens=ACCESS_TOKEN,
+            poe_state_url=f"redis://:{secret}@{at}",
+        )
+        env = shared_env(fake_poe, f"redis://{at}", POE_KEY) | {"POE_STATE_PASSWORD": secret}
+        with Mitmdump(options=opts, regular=False) as mitm, PlainServer(env) as plain:
+            ids = chain([MitmInstance(mitm), plain], fake_poe, bot)
+            assert plain.client().responses.retrieve(ids[0]).id == ids[0]
+            status = mitm.status()
+            assert status["state"] == f"redis://{at}"
+            assert f"state: shared through redis://{at}" in mitm.output
+            assert f"state: shared through redis://{at}" in plain.output
+            outputs = mitm.output + plain.output
+        assert secret not in outputs and "cannot be reached" not in outputs
