@@ -214,24 +214,36 @@ def test_store_false_writes_nothing_to_redis(
     assert client.exists(f"poe-openai:resp:{kept.id}") == 1  # (the name the check looks for)
 
 
-def test_a_key_rate_limited_on_one_is_skipped_by_the_other(
-    plain_pair: tuple[Any, Any], fake_poe: FakePoe, bot: str
+KEY_FAILURES = {
+    "rate-limited": (4, http_error(429, {"detail": "slow down"}, {"Retry-After": "30"})),
+    "out of points": (5, http_error(402, {"detail": "no points"})),
+    "rejected": (6, http_error(401, {"detail": "bad key"})),
+}
+
+
+@pytest.mark.parametrize("failure", list(KEY_FAILURES))
+def test_a_key_benched_on_one_is_skipped_by_the_other(
+    fake_poe: FakePoe, server: RedisServer, bot: str, failure: str
 ) -> None:
-    one, two = plain_pair
-    limited = http_error(429, {"detail": "slow down"}, {"Retry-After": "30"})
-    fake_poe.script_sequence(bot, [[limited]] + [[text("ok")]] * 4)
-    assert (
-        one.client()
-        .chat.completions.create(model=bot, messages=[{"role": "user", "content": "hi"}])
-        .choices[0]
-        .message.content
-        == "ok"
-    )
-    rested, fresh = (r.api_key for r in fake_poe.requests_for(bot))
-    assert rested != fresh
-    for _ in range(3):  # the other instance never asks Poe with the resting key
-        two.client().chat.completions.create(model=bot, messages=[{"role": "user", "content": "x"}])
-    assert [r.api_key for r in fake_poe.requests_for(bot)][2:] == [fresh] * 3
+    """A key Poe rate-limited, found out of points or rejected on one instance is never asked
+    by the other: one failed round trip for the whole deployment, not one per instance."""
+    db, step = KEY_FAILURES[failure]
+    env = shared_env(fake_poe, server.url.removesuffix("/0") + f"/{db}", f"{POE_KEY},{SECOND}")
+    fake_poe.script_sequence(bot, [[step]] + [[text("ok")]] * 4)
+    with PlainServer(env) as one, PlainServer(env) as two:
+        answer = one.client().chat.completions.create(
+            model=bot, messages=[{"role": "user", "content": "hi"}]
+        )
+        assert answer.choices[0].message.content == "ok"
+        benched, fresh = (r.api_key for r in fake_poe.requests_for(bot))
+        assert benched != fresh
+        for _ in range(3):  # the other instance never asks Poe with the benched key
+            two.client().chat.completions.create(
+                model=bot, messages=[{"role": "user", "content": "x"}]
+            )
+        later = [r.api_key for r in fake_poe.requests_for(bot)][2:]
+    assert later == [fresh] * 3
+    assert failure in one.output and failure not in two.output  # seen once, on one
 
 
 def test_a_picture_is_uploaded_once_for_every_instance(

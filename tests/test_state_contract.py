@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
@@ -267,3 +268,32 @@ def test_state_url_mistakes_name_the_environment_variable_for_the_plain_server()
         parse_state_url("localhost:6379", ENV)
     assert str(caught.value).startswith("POE_STATE_URL='localhost:6379' is not a Redis URL")
     assert "POE_STATE_URL=redis://127.0.0.1:6379/0" in str(caught.value)
+
+
+def test_a_silent_store_costs_one_timeout_not_one_per_request() -> None:
+    """A store that accepts connections and never answers (a hung server, a black hole): the
+    first call waits the bounded timeout, the calls after it do not wait at all."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(200)  # connections complete in the backlog; nothing is ever read
+        url = parse_state_url(f"redis://127.0.0.1:{silent.getsockname()[1]}/0")
+        assert url is not None
+
+        async def body() -> tuple[float, float]:
+            state = RedisState(url, timeout=0.3)
+            try:
+                started = time.monotonic()
+                with pytest.raises(Unavailable):
+                    await state.get_response("resp_1", ALICE)
+                first = time.monotonic() - started
+                started = time.monotonic()
+                for _ in range(20):
+                    with pytest.raises(Unavailable):
+                        await state.key_view(["x"])
+                return first, time.monotonic() - started
+            finally:
+                await state.aclose()
+
+        first, then = asyncio.run(body())
+    assert 0.25 < first < 1.5
+    assert then < 0.2
