@@ -38,6 +38,7 @@ T = TypeVar("T")
 PREFIX = "poe-openai:"
 REJECTED_TTL_S = 24 * 3600  # a rejected key stays out this long for every instance
 UPLOAD_TTL_S = 24 * 3600  # Poe's attachment URLs outlive a day of reuse
+TURN_TTL_S = 24 * 3600  # the key rotation's counter, after a day without requests
 UPLOAD_CACHE_SIZE = 512  # per process
 OUTAGE_RETRY_S = 1.0  # a store found down is not asked again for this long
 STORE_RETRY_AFTER_S = 5
@@ -345,6 +346,7 @@ class RedisState:
         async def view() -> list[Any]:
             async with self.redis.pipeline(transaction=False) as pipe:
                 pipe.incr(f"{PREFIX}turn")
+                pipe.expire(f"{PREFIX}turn", TURN_TTL_S)  # (everything written expires)
                 for digest in digests:
                     pipe.get(f"{PREFIX}key:{digest}:rest")
                     pipe.pttl(f"{PREFIX}key:{digest}:rest")
@@ -354,7 +356,7 @@ class RedisState:
         answers = await self.link.run(view)
         health = {}
         for n, digest in enumerate(digests):
-            reason, left_ms, rejected = answers[1 + 3 * n : 4 + 3 * n]
+            reason, left_ms, rejected = answers[2 + 3 * n : 5 + 3 * n]
             rest_s = max(0, left_ms) / 1000 if reason is not None else 0.0
             health[digest] = KeyHealth(rest_s, reason or "", bool(rejected))
         return int(answers[0]) - 1, health

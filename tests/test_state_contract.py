@@ -297,3 +297,22 @@ def test_a_silent_store_costs_one_timeout_not_one_per_request() -> None:
         first, then = asyncio.run(body())
     assert 0.25 < first < 1.5
     assert then < 0.2
+
+
+def test_everything_written_to_redis_expires(server: RedisServer) -> None:
+    """So a Redis with maxmemory and volatile-ttl stays within its memory."""
+    redis.Redis(port=server.port).flushdb()
+
+    async def body(state: State) -> None:
+        pool = KeyPool(["key-a", "key-b"], state=state)
+        await pool.pick()
+        await pool.cool("key-a", 30, "rate-limited")
+        await pool.reject("key-b")
+        await state.put_upload((secret_digest("key-a"), "d"), "{}")
+        await state.put_response(response(1), [], ALICE)
+
+    run("redis", server, body)
+    client = redis.Redis(port=server.port)
+    keys = client.keys("*")
+    assert len(keys) == 9  # turn, 2 key states, upload, response, its items list, 2 items, zset
+    assert all(client.ttl(k) > 0 for k in keys), {k: client.ttl(k) for k in keys}
