@@ -366,3 +366,32 @@ def test_a_password_protected_store_is_named_without_its_password(
             assert f"state: shared through redis://{at}" in plain.output
             outputs = mitm.output + plain.output
         assert secret not in outputs and "cannot be reached" not in outputs
+
+
+def test_a_bad_state_url_stops_start_up_with_one_line(fake_poe: FakePoe) -> None:
+    """Both front ends: the option named as the user typed it, the fix, no password, no
+    traceback."""
+    bad = "http://:pw-in-url@cache:6379"
+    mitm = Mitmdump(options=poe_options(fake_poe, poe_state_url=bad), regular=False)
+    with pytest.raises(RuntimeError) as info:
+        mitm.start()
+    output = str(info.value)
+    assert (
+        "poe-openai: cannot start: poe_state_url='http://***@cache:6379' is not a Redis URL; "
+        "use e.g. --set poe_state_url=redis://127.0.0.1:6379/0" in output
+    )
+    plain = subprocess.run(
+        [sys.executable, "-m", "addon", "serve", "--port", str(free_port())],
+        cwd=REPO,
+        env={**os.environ, "POE_STATE_URL": bad},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert plain.returncode == 2
+    assert plain.stderr.strip() == (
+        "poe-openai: cannot start: POE_STATE_URL='http://***@cache:6379' is not a Redis URL; "
+        "use e.g. POE_STATE_URL=redis://127.0.0.1:6379/0 (rediss:// for TLS)"
+    )
+    for text_out in (output, plain.stdout + plain.stderr):
+        assert "pw-in-url" not in text_out and "Traceback" not in text_out
