@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import statistics
 import subprocess
@@ -28,9 +29,10 @@ REPO = BENCH.parent
 sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(BENCH))
 
+import rawhttp  # noqa: E402
 from harness import free_port  # noqa: E402
 from redisd import RedisServer  # noqa: E402
-from run import KEY, PoeServer, pct  # noqa: E402
+from run import CLIENT_HEADERS, KEY, PoeServer, pct  # noqa: E402
 
 
 @contextmanager
@@ -98,24 +100,30 @@ def chain_latency(poe: PoeServer, redis_url: str, chains: int) -> dict[str, list
 
 
 async def throughput(url: str, seconds: float, concurrency: int) -> float:
-    """Non-streamed chat completions per second, ``concurrency`` clients for ``seconds``."""
-    body = {"model": "Hi", "messages": [{"role": "user", "content": "hi"}]}
+    """Non-streamed chat completions per second over ``concurrency`` keep-alive connections
+    for ``seconds`` (bench/rawhttp.py: a load generator that leaves the cores to the servers;
+    with workers, each connection lands on one of them as it is accepted)."""
+    body = json.dumps({"model": "Hi", "messages": [{"role": "user", "content": "hi"}]}).encode()
+    port = int(url.rsplit(":", 1)[1])
+    conns = [rawhttp.Conn("127.0.0.1", port) for _ in range(concurrency)]
     done = 0
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=0)
-    async with httpx.AsyncClient(trust_env=False, timeout=60, limits=limits) as client:
-        # A new connection per request, as behind a balancer: the workers share the accepts.
-        end = time.monotonic() + seconds
+    end = time.monotonic() + seconds
 
-        async def worker() -> None:
-            nonlocal done
-            while time.monotonic() < end:
-                answer = await client.post(url + "/v1/chat/completions", json=body)
-                answer.raise_for_status()
-                done += 1
+    async def worker(conn: rawhttp.Conn) -> None:
+        nonlocal done
+        while time.monotonic() < end:
+            status, _ = await conn.request("POST", "/v1/chat/completions", body, CLIENT_HEADERS)
+            if status != 200:
+                raise RuntimeError(f"status {status}")
+            done += 1
 
-        started = time.monotonic()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-        return done / (time.monotonic() - started)
+    started = time.monotonic()
+    try:
+        await asyncio.gather(*(worker(c) for c in conns))
+    finally:
+        for conn in conns:
+            conn.close()
+    return done / (time.monotonic() - started)
 
 
 def main() -> None:
