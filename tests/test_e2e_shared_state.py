@@ -395,3 +395,30 @@ def test_a_bad_state_url_stops_start_up_with_one_line(fake_poe: FakePoe) -> None
     )
     for text_out in (output, plain.stdout + plain.stderr):
         assert "pw-in-url" not in text_out and "Traceback" not in text_out
+
+
+def test_no_key_or_token_is_written_to_redis(
+    fake_poe: FakePoe, server: RedisServer, bot: str
+) -> None:
+    """A key benched, a picture uploaded and responses stored by a token holder: neither a
+    Poe key nor an access token is in Redis, only their digests."""
+    env = shared_env(fake_poe, server.url.removesuffix("/0") + "/7", f"{POE_KEY},{SECOND}")
+    limited = http_error(429, {"detail": "slow down"}, {"Retry-After": "30"})
+    fake_poe.script_sequence(bot, [[limited]] + [[text("ok")]] * 3)
+    content: Any = [
+        {"type": "text", "text": "What is this?"},
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64," + b64(PNG + b"7")}},
+    ]
+    with PlainServer(env) as one:
+        one.client().chat.completions.create(
+            model=bot, messages=[{"role": "user", "content": content}]
+        )
+        chain([one, one], fake_poe, bot)
+    client = redis.Redis(port=server.port, db=7)
+    names = client.keys("*")
+    assert any(b":upload:" in n for n in names) and any(b":resp:" in n for n in names)
+    assert any(b":rest" in n for n in names)
+    for name in names:
+        value = name + b" " + (client.dump(name) or b"")
+        for secret in (POE_KEY, SECOND, ACCESS_TOKEN):
+            assert secret.encode() not in value, name
