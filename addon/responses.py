@@ -105,7 +105,7 @@ def unknown_item(item_id: str, where: str) -> OpenAIError:
     return OpenAIError(
         404,
         f"{where}: no item with id '{item_id}' found. Only the output of responses this proxy "
-        "stored can be referenced (they are kept in memory for a limited time and number; see "
+        "stored can be referenced (they are kept for a limited time and number; see "
         "poe_response_store_size / poe_response_store_minutes); send the item itself instead.",
         "invalid_request_error",
         "not_found",
@@ -474,7 +474,7 @@ class ResponseStore:
 def unknown_response(response_id: str) -> OpenAIError:
     return OpenAIError(
         404,
-        f"No response with id '{response_id}' found (responses are kept in memory for a "
+        f"No response with id '{response_id}' found (responses are kept for a "
         "limited time and number; see poe_response_store_size / poe_response_store_minutes).",
         "invalid_request_error",
         "not_found",
