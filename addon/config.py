@@ -111,6 +111,52 @@ class Timeouts:
 
 
 @dataclass(frozen=True)
+class StateURL:
+    """Where shared state lives (poe_state_url): a Redis or Valkey server."""
+
+    url: str = field(repr=False)  # may hold a password
+    host: str
+    port: int
+    db: int
+    tls: bool
+    password: str | None = field(default=None, repr=False)  # from POE_STATE_PASSWORD
+
+    def describe(self) -> str:
+        """Host and database only: a password never reaches a log."""
+        scheme = "rediss" if self.tls else "redis"
+        return f"{scheme}://{self.host}:{self.port}/{self.db}"
+
+
+def parse_state_url(
+    value: str, spelling: Spelling = OPTION, password: str | None = None
+) -> StateURL | None:
+    """None for empty (in-process state); a ConfigError with the fix for anything else."""
+    value = value.strip()
+    if not value:
+        return None
+    option = spelling.name("poe_state_url")
+    example = spelling.example("poe_state_url", "redis://127.0.0.1:6379/0")
+    try:
+        parts = urlsplit(value)
+        host, port, given = parts.hostname or "", parts.port or 6379, parts.password
+    except ValueError:
+        parts, host, port, given = urlsplit(""), "", 0, None
+    shown = _without_password(value)
+    if parts.scheme not in ("redis", "rediss") or not host:
+        raise ConfigError(
+            f"{option}={shown!r} is not a Redis URL; use e.g. {example} (rediss:// for TLS)"
+        )
+    db = parts.path.strip("/") or "0"
+    if not db.isdigit() or parts.query or parts.fragment:
+        raise ConfigError(
+            f"{option}={shown!r}: give redis://[:password@]host:port/db with a database "
+            f"number and nothing after it; e.g. {example}"
+        )
+    tls = parts.scheme == "rediss"
+    return StateURL(value, host, port, int(db), tls, None if given else password)
+
+
+@dataclass(frozen=True)
 class Settings:
     api_keys: tuple[str, ...]
     access_tokens: tuple[str, ...]
@@ -123,6 +169,7 @@ class Settings:
     max_body_bytes: int = 64 * 1024 * 1024
     timeouts: Timeouts = field(default_factory=lambda: Timeouts())
     models_url: str | None = None  # Poe's model list (None: not fetched)
+    state_url: StateURL | None = None  # None: in-process state
 
     @property
     def auth_mode(self) -> str:
@@ -209,6 +256,7 @@ def parse_settings(
     poe_header_hold_s: int = 10,
     poe_keepalive_s: int = 15,
     poe_models_url: str = DEFAULT_MODELS_URL,
+    poe_state_url: str = "",
     environ: Mapping[str, str] | None = None,
     spelling: Spelling = OPTION,
 ) -> Settings:
@@ -282,6 +330,8 @@ def parse_settings(
             keepalive=poe_keepalive_s,
         ),
         models_url=_models_url(poe_models_url, base_url, spelling),
+        # A password may come from the environment, to keep it out of options and ps
+        state_url=parse_state_url(poe_state_url, spelling, env.get("POE_STATE_PASSWORD")),
     )
 
 
@@ -331,6 +381,12 @@ def _key_file(path: str, spelling: Spelling) -> list[str]:
 
 # A comment starts a line or follows a space: "poe-key  # second account" is the key alone.
 COMMENT = re.compile(r"(^|\s)#.*")
+
+
+def secret_digest(secret: str) -> str:
+    """A key's full digest: how shared state (Redis) names it, never the key itself. Not
+    cached, like fingerprint: a cache would keep raw client keys in memory."""
+    return hashlib.sha256(secret.encode("utf-8", "surrogateescape")).hexdigest()
 
 
 def fingerprint(secret: str) -> str:

@@ -8,7 +8,7 @@ import base64
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from functools import partial
 from typing import Any, TypeVar
 
@@ -31,6 +31,7 @@ from addon.pacing import with_ticks
 from addon.poe import PoeError
 from addon.runner import Piece, ReplyRunner, merge
 from addon.service import SSE_DONE, Auth, Service, TextEvents, new_id, sse
+from addon.state import Unavailable, store_unavailable
 from addon.tokens import TokenCounter, estimate
 
 T = TypeVar("T")
@@ -178,18 +179,18 @@ class Call:
             self.completion_tokens(answers)  # the usage's figure, when the client got usage
         logger.info("poe-openai: %s %s in %.0f ms", self.label, how, ms)
 
-    def _key_trouble(self, key: str, failure: PoeFailure, err: OpenAIError) -> bool:
+    async def _key_trouble(self, key: str, failure: PoeFailure, err: OpenAIError) -> bool:
         """Note what Poe said about a configured key; True if another key may do better."""
         pool = self.service.pool
         if err.code == "rate_limit_exceeded":
             if failure.status == 429:  # the key's own limit (an in-band one may be the bot's)
                 wait = retry_after_seconds(failure.retry_after) or DEFAULT_COOLDOWN_S
-                pool.cool(key, wait, "rate-limited")
+                await pool.cool(key, wait, "rate-limited")
         elif err.code == "insufficient_quota":
             if failure.status == 402:  # the account's points (an in-band one may be the bot's)
-                pool.cool(key, OUT_OF_POINTS_COOLDOWN_S, "out of points")
+                await pool.cool(key, OUT_OF_POINTS_COOLDOWN_S, "out of points")
         elif err.code == "poe_key_rejected":
-            pool.reject(key)
+            await pool.reject(key)
         else:
             return False
         return True
@@ -213,10 +214,10 @@ class Call:
             except PoeError as e:
                 await runner.aclose()
                 err = self.classify(e, key)
-                if self.auth.client_key or not self._key_trouble(key, e.failure, err):
+                if self.auth.client_key or not await self._key_trouble(key, e.failure, err):
                     raise self.failure(e, "before answering", key) from None
                 tried.add(key)
-                following = self.service.pool.pick(exclude=tried)
+                following = await self.service.pool.pick(exclude=tried)
                 if following is None:
                     # Nothing to fail over to, or every key failed in a way that need not
                     # concern the key (an in-band limit of this bot): Poe's own answer.
@@ -350,7 +351,7 @@ async def chat_completions(service: Service, request: Request) -> Response:
     req = chat.parse_chat_request(
         await service.json(request), service.model_map, service.settings.max_file_bytes
     )
-    auth = service.pick_key(auth)  # judged first: a bad request spends no key
+    auth = await service.pick_key(auth)  # judged first: a bad request spends no key
     call = Call(service, auth, req.model, req.bot, request)
     counter = call.counter
     try:
@@ -434,7 +435,7 @@ async def chat_completions(service: Service, request: Request) -> Response:
 async def legacy_completions(service: Service, request: Request) -> Response:
     auth = service.authenticate(request)
     req = completions.parse_completion_request(await service.json(request), service.model_map)
-    auth = service.pick_key(auth)
+    auth = await service.pick_key(auth)
     call = Call(service, auth, req.model, req.bot, request)
     counter = call.counter
     sampling = req.sampling
@@ -530,7 +531,7 @@ def no_image(bot: str, answer: str) -> OpenAIError:
 async def image_generations(service: Service, request: Request) -> Response:
     auth = service.authenticate(request)
     req = images.parse_image_request(await service.json(request), service.model_map)
-    auth = service.pick_key(auth)
+    auth = await service.pick_key(auth)
     call = Call(service, auth, req.model, req.bot, request)
     message = ProtocolMessage(role="user", content=req.prompt)
     sampling = chat.Sampling(parameters=images.bot_parameters(req))
@@ -586,17 +587,19 @@ async def responses_create(service: Service, request: Request) -> Response:
     if previous is not None:
         if not isinstance(previous, str):
             raise bad_request("previous_response_id must be a string.", "previous_response_id")
-        stored = service.responses.get(previous, auth.owner)
+        stored = await stored_or_503(service.state.get_response(previous, auth.owner))
         if stored is None:
             raise responses.unknown_response(previous)
         history = stored.conversation
-    lookup = partial(service.responses.item, owner=auth.owner)
+    references = responses.referenced_ids(body.get("input"))
+    found = await stored_or_503(service.state.get_items(references, auth.owner), "input")
+    lookup = found.get
     limit = service.settings.max_body_bytes
     req = responses.parse_request(
         body, history, service.model_map, service.settings.max_file_bytes, lookup, limit
     )
     conversation = [*history, *responses.input_to_messages(body.get("input"), lookup, limit)]
-    auth = service.pick_key(auth)
+    auth = await service.pick_key(auth)
     call = Call(service, auth, req.model, req.bot, request)
     counter = call.counter
     try:
@@ -628,17 +631,27 @@ async def responses_create(service: Service, request: Request) -> Response:
             prompts = [m.content for m in query.query]
             usage = call.usage(prompts, [call.runners[0].text], chat_format=True)
             events += builder.finish(piece.finish, usage)
-            if builder.response["store"]:
-                call.safely(
-                    "storing the response",
-                    lambda: service.responses.put(
-                        builder.response,
-                        [*conversation, builder.conversation_tail()],
-                        auth.owner,
-                    ),
-                    lambda: None,
-                )
         return events
+
+    async def keep() -> None:
+        """Store the finished response (before the client hears it is done, so that its
+        next turn finds it); a store that fails never costs the client the answer."""
+        if not builder.response["store"]:
+            return
+        try:
+            await service.state.put_response(
+                builder.response, [*conversation, builder.conversation_tail()], auth.owner
+            )
+        except Unavailable:
+            pass  # logged once per outage by the state
+        except Exception as e:
+            logger.warning(
+                "poe-openai: %s: storing the response failed (%s: %s); the answer goes to the "
+                "client anyway",
+                call.label,
+                type(e).__name__,
+                str(e)[:200],
+            )
 
     if not req.stream:
         deltas: list[dict[str, Any]] = []
@@ -651,6 +664,7 @@ async def responses_create(service: Service, request: Request) -> Response:
             raise call.failure(e, "while answering") from None
         # Poe's final text (a stream can only give what it already sent; this need not)
         feed(Piece(0, call.runners[0].final_text, deltas, finish))
+        await keep()
         call.done("answered")
         return AnswerJSON(builder.response)
 
@@ -665,7 +679,10 @@ async def responses_create(service: Service, request: Request) -> Response:
                 for event in builder.fail(piece):
                     yield responses.sse_event(event)
                 return
-            for event in feed(piece):
+            fed = feed(piece)
+            if piece.finish:
+                await keep()
+            for event in fed:
                 yield responses.sse_event(event)
         call.done("streamed", [call.runners[0].text])
 
@@ -675,7 +692,7 @@ async def responses_create(service: Service, request: Request) -> Response:
 async def responses_get(service: Service, request: Request) -> Response:
     auth = service.authenticate(request)
     response_id = request.path_params["response_id"]
-    stored = service.responses.get(response_id, auth.owner)
+    stored = await stored_or_503(service.state.get_response(response_id, auth.owner))
     if stored is None:
         raise responses.unknown_response(response_id)
     return JSONResponse(stored.response)
@@ -684,6 +701,15 @@ async def responses_get(service: Service, request: Request) -> Response:
 async def responses_delete(service: Service, request: Request) -> Response:
     auth = service.authenticate(request)
     response_id = request.path_params["response_id"]
-    if not service.responses.delete(response_id, auth.owner):
+    if not await stored_or_503(service.state.delete_response(response_id, auth.owner)):
         raise responses.unknown_response(response_id)
     return JSONResponse({"id": response_id, "object": "response", "deleted": True})
+
+
+async def stored_or_503[R](lookup: Awaitable[R], param: str | None = "previous_response_id") -> R:
+    """What the response store answers; while a shared store is down, a 503 with
+    Retry-After (never a 404: the response may well exist)."""
+    try:
+        return await lookup
+    except Unavailable:
+        raise store_unavailable(param) from None

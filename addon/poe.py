@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import json
 import logging
 import re
@@ -31,9 +30,11 @@ from fastapi_poe.client import (
 )
 from fastapi_poe.types import Attachment, MetaResponse, QueryRequest
 
+from addon.config import secret_digest
 from addon.errors import OpenAIError, PoeFailure
 from addon.files import FileInput
 from addon.reuse import FinishAfterDone
+from addon.state import State, Unavailable
 
 logger = logging.getLogger(__name__)
 # httpx logs every request line at INFO; the addon logs one line per answered call instead.
@@ -177,6 +178,8 @@ class PoeClient:
         # By (key digest, content digest): see upload.
         self._uploaded: OrderedDict[tuple[str, str], Attachment] = OrderedDict()
         self._uploading: dict[tuple[str, str], _SharedUpload] = {}
+        # The deployment's uploads (poe_state_url), asked after this cache: set by Service.
+        self.shared: State | None = None
         self._finishing: set[asyncio.Task[None]] = set()  # bodies read to the end after done
         # Queries whose response headers arrived (a failure after that is never resent).
         self._answered: weakref.WeakSet[httpx.Request] = weakref.WeakSet()
@@ -276,14 +279,18 @@ class PoeClient:
         attachment. Shared only between callers with the same key (another key may be
         rejected where this one is not), and run in a task of its own, so that one caller
         leaving never cancels another's wait; the last one leaving stops it."""
-        scope = (
-            hashlib.sha256(api_key.encode("utf-8", "surrogateescape")).hexdigest(),
-            file.digest,
-        )
+        scope = (secret_digest(api_key), file.digest)
         cached = self._uploaded.get(scope)
         if cached is not None:
             self._uploaded.move_to_end(scope)
             return cached
+        if self.shared is not None:  # uploaded by another instance?
+            with contextlib.suppress(Unavailable):  # (logged by the state; upload here)
+                found = await self.shared.get_upload(scope)
+                if found is not None:
+                    attachment = Attachment.model_validate_json(found)
+                    self._remember(scope, attachment)
+                    return attachment
         shared = self._uploading.get(scope)
         if shared is None or shared.task.done():  # (done: it ended before it was filed)
             task = asyncio.get_running_loop().create_task(self._upload_once(scope, file, api_key))
@@ -307,10 +314,16 @@ class PoeClient:
             shared = self._uploading.get(scope)
             if shared is not None and shared.task is asyncio.current_task():
                 del self._uploading[scope]
+        self._remember(scope, attachment)
+        if self.shared is not None:
+            with contextlib.suppress(Unavailable):
+                await self.shared.put_upload(scope, attachment.model_dump_json())
+        return attachment
+
+    def _remember(self, scope: tuple[str, str], attachment: Attachment) -> None:
         self._uploaded[scope] = attachment
         while len(self._uploaded) > self.UPLOAD_CACHE_SIZE:
             self._uploaded.popitem(last=False)
-        return attachment
 
     async def _upload(self, file: FileInput, api_key: str) -> Attachment:
         # upload_file closes the session it is given, so each upload gets its own, with the

@@ -61,12 +61,14 @@ from addon.quietlog import OwnStreamNotices, quiet_cancelled_client_tasks
 from addon.routing import is_answered
 from addon.server import LoopbackServer
 from addon.service import Service
+from addon.state import open_state, state_line
 from addon.status import client_key_advice, summary
 from addon.status import status as status_report
 
 logger = logging.getLogger(__name__)
 
 METADATA_KEY = views.METADATA_KEY
+_CLOSING: set[asyncio.Task[None]] = set()  # replaced shared-state clients, closing
 # Methods the app has routes or answers for (the rest get a 405 from the addon itself).
 APP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 SECRET_HEADERS = ("authorization", "api-key", "x-api-key")
@@ -187,6 +189,14 @@ OPTIONS: tuple[tuple[str, Any, Any, str], ...] = (
         "Responses API: how long (minutes) a response is kept.",
     ),
     (
+        "poe_state_url",
+        str,
+        "",
+        "Share stored responses, key health and uploads with other instances through Redis "
+        "or Valkey: redis://host:port/db (rediss:// for TLS; a password in the URL or in "
+        "POE_STATE_PASSWORD). Empty: this instance's own memory.",
+    ),
+    (
         "poe_stream_store_limit",
         int,
         1_000_000,
@@ -212,6 +222,7 @@ SETTINGS_OPTIONS = (
     "poe_header_hold_s",
     "poe_keepalive_s",
     "poe_models_url",
+    "poe_state_url",
 )
 
 
@@ -490,9 +501,26 @@ class PoeOpenAI:
         if settings is not self.settings:
             self._apply(settings, model_map)
         assert self.service is not None
-        self.service.responses.max_entries = ctx.options.poe_response_store_size
-        self.service.responses.max_age_s = ctx.options.poe_response_store_minutes * 60
+        self._use_state(settings)
         self._force_lazy_connections()
+
+    def _use_state(self, settings: Settings) -> None:
+        """Open the shared state the options name (once per URL) and give it the store's
+        limits."""
+        assert self.service is not None
+        size = ctx.options.poe_response_store_size
+        minutes = ctx.options.poe_response_store_minutes
+        current = getattr(self.service.state, "url", None)
+        if current != settings.state_url:
+            state = open_state(settings.state_url)
+            previous = self.service.use_state(state, size, minutes)
+            logger.info("poe-openai: %s", state_line(state))
+            with contextlib.suppress(RuntimeError):  # no loop: nothing was ever connected
+                task = asyncio.get_running_loop().create_task(previous.aclose())
+                _CLOSING.add(task)
+                task.add_done_callback(_CLOSING.discard)
+        else:
+            self.service.use_state(self.service.state, size, minutes)
 
     def _parse(self, updated: set[str]) -> tuple[Settings, ModelMap]:
         unchanged = not updated.intersection(SETTINGS_OPTIONS)
@@ -532,6 +560,7 @@ class PoeOpenAI:
         if old is None or (old.base_url, old.proxy, old.upload_url) != endpoints:
             previous = self.service.poe
             self.service.poe = PoeClient(*endpoints)
+            self.service.share_uploads(self.service.poe)
             # Answers still streaming use the old client: close it once they must be over.
             _close_later(previous, settings.timeouts.total + 60)
 

@@ -105,7 +105,7 @@ def unknown_item(item_id: str, where: str) -> OpenAIError:
     return OpenAIError(
         404,
         f"{where}: no item with id '{item_id}' found. Only the output of responses this proxy "
-        "stored can be referenced (they are kept in memory for a limited time and number; see "
+        "stored can be referenced (they are kept for a limited time and number; see "
         "poe_response_store_size / poe_response_store_minutes); send the item itself instead.",
         "invalid_request_error",
         "not_found",
@@ -139,6 +139,20 @@ def _item_kind(item: dict[str, Any]) -> object:
         # The spec's item_reference may omit its type; a message always has a role.
         return "item_reference" if "role" not in item and "id" in item else "message"
     return kind
+
+
+def referenced_ids(value: object) -> list[str]:
+    """The item ids an ``input`` refers to (item_reference items), for fetching them first:
+    the lookup input_to_messages takes is a plain function of what was fetched."""
+    if not isinstance(value, list):
+        return []
+    return [
+        item["id"]
+        for item in value
+        if isinstance(item, dict)
+        and _item_kind(item) == "item_reference"
+        and isinstance(item.get("id"), str)
+    ]
 
 
 def references_too_large(limit: int, where: str) -> OpenAIError:
@@ -492,7 +506,7 @@ class ResponseStore:
 def unknown_response(response_id: str) -> OpenAIError:
     return OpenAIError(
         404,
-        f"No response with id '{response_id}' found (responses are kept in memory for a "
+        f"No response with id '{response_id}' found (responses are kept for a "
         "limited time and number; see poe_response_store_size / poe_response_store_minutes).",
         "invalid_request_error",
         "not_found",

@@ -25,7 +25,7 @@ from addon.errors import OpenAIError, bad_request, invalid_api_key
 from addon.keys import KeyPool
 from addon.mappings import ModelMap
 from addon.poe import PoeClient
-from addon.responses import ResponseStore
+from addon.state import LocalState, State
 
 MAX_BODY = 64 * 1024 * 1024
 # The mitmproxy addon tags each request it routes to the app with its flow id.
@@ -53,7 +53,8 @@ class Service:
     # travel on the flow: the addon keeps them here, by flow id, until the request takes them.
     routed_only: bool = False
     routed: dict[str, dict[str, str]] = field(default_factory=dict)
-    responses: ResponseStore = field(default_factory=ResponseStore)
+    # Stored responses, key health and uploads: this process's own, or shared (poe_state_url)
+    state: State = field(default_factory=LocalState)
     running: dict[str, asyncio.Task[Any]] = field(default_factory=dict)
     gone: set[str] = field(default_factory=set)  # flows whose client left
     stats: Counter[str] = field(default_factory=Counter)  # answers and errors, by kind
@@ -62,11 +63,27 @@ class Service:
     pool: KeyPool = field(init=False)
 
     def __post_init__(self) -> None:
-        self.pool = KeyPool(self.settings.api_keys)
+        self.pool = KeyPool(self.settings.api_keys, state=self.state)
+        self.share_uploads(self.poe)
+
+    def share_uploads(self, poe: PoeClient) -> None:
+        """Let ``poe`` find and leave uploads in the shared state (its own cache is enough
+        for the in-process one)."""
+        poe.shared = None if isinstance(self.state, LocalState) else self.state
+
+    def use_state(self, state: State, size: int, minutes: int) -> State:
+        """Share through ``state`` from now on, keeping the store's limits; returns the state
+        it replaces (for the caller to close)."""
+        state.max_entries, state.max_age_s = size, minutes * 60
+        previous, self.state = self.state, state
+        if previous is not state:
+            self.pool = KeyPool(self.settings.api_keys, state=state)
+            self.share_uploads(self.poe)
+        return previous
 
     def reconfigure(self, settings: Settings, model_map: ModelMap) -> None:
         if settings.api_keys != self.settings.api_keys:
-            self.pool = KeyPool(settings.api_keys)
+            self.pool = KeyPool(settings.api_keys, state=self.state)
         self.settings = settings
         self.model_map = model_map
 
@@ -107,11 +124,11 @@ class Service:
             return Auth(presented, client_key=True, owner=owner_of(presented))
         return Auth("", client_key=False)
 
-    def pick_key(self, auth: Auth) -> Auth:
+    async def pick_key(self, auth: Auth) -> Auth:
         """The Poe key that answers: the client's own, or the next usable configured one."""
         if auth.client_key:
             return auth
-        key = self.pool.pick()
+        key = await self.pool.pick()
         if key is None:
             raise self.pool.exhausted()
         return Auth(key, client_key=False, owner=auth.owner)

@@ -8,7 +8,8 @@ Configuration comes from the environment, with the addon's option names in capit
 POE_API_KEY, POE_API_KEY_FILE, POE_ACCESS_TOKENS (comma-separated), POE_MAPPINGS, POE_BASE_URL,
 POE_UPLOAD_URL, POE_PROXY, POE_MAX_FILE_MB, POE_MAX_BODY_MB, the POE_*_TIMEOUT_S /
 POE_HEADER_HOLD_S / POE_KEEPALIVE_S durations, POE_RESPONSE_STORE_SIZE /
-POE_RESPONSE_STORE_MINUTES, POE_MODELS_URL and POE_ALLOW_OPEN_RELAY.
+POE_RESPONSE_STORE_MINUTES, POE_MODELS_URL, POE_ALLOW_OPEN_RELAY, and POE_STATE_URL (with
+POE_STATE_PASSWORD) for state shared between workers and machines.
 
 It logs as the addon does: a start-up summary and one line per answer, on stderr.
 """
@@ -48,6 +49,7 @@ from addon.errors import NO_RETRY, OpenAIError
 from addon.mappings import MappingError, load_mappings
 from addon.poe import PoeClient
 from addon.service import Service, error_response
+from addon.state import open_state, state_line
 from addon.status import client_key_advice, summary
 
 logger = logging.getLogger(__name__)
@@ -74,6 +76,8 @@ ENV_NAMES = frozenset(
         "poe_proxy",
         "poe_models_url",
         "poe_allow_open_relay",
+        "poe_state_url",
+        "poe_state_password",
         *INTEGER_OPTIONS,
         *STORE_OPTIONS,
     )
@@ -99,6 +103,7 @@ def settings_from_env(env: Mapping[str, str] | None = None) -> Settings:
         poe_upload_url=env.get("POE_UPLOAD_URL", DEFAULT_UPLOAD_URL),
         poe_proxy=env.get("POE_PROXY", ""),
         poe_models_url=env.get("POE_MODELS_URL", DEFAULT_MODELS_URL),
+        poe_state_url=env.get("POE_STATE_URL", ""),
         environ=env,
         spelling=ENV,
         **integers,
@@ -150,9 +155,9 @@ def build(env: Mapping[str, str], address: str | None = None) -> Starlette:
     except MappingError as e:
         raise ConfigError(f"POE_MAPPINGS: {e}") from None
     poe = PoeClient(settings.base_url, settings.proxy, settings.upload_url)
-    service = Service(settings, model_map, poe)
-    service.responses.max_entries = store.get("poe_response_store_size", 1000)
-    service.responses.max_age_s = store.get("poe_response_store_minutes", 60) * 60
+    service = Service(settings, model_map, poe, state=open_state(settings.state_url))
+    service.state.max_entries = store.get("poe_response_store_size", 1000)
+    service.state.max_age_s = store.get("poe_response_store_minutes", 60) * 60
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -165,12 +170,14 @@ def build(env: Mapping[str, str], address: str | None = None) -> Starlette:
             )
         for line in start_up_lines(service, address):
             logger.info("poe-openai: %s", line)
+        logger.info("poe-openai: %s", state_line(service.state))
         try:
             yield
         finally:
             if learning is not None:
                 learning.cancel()
             await poe.aclose()
+            await service.state.aclose()
 
     app = create_app(service, lifespan)
     if relay:

@@ -353,7 +353,7 @@ def test_plain_server_state_stays_bounded(fake_poe: FakePoe) -> None:
         }
     )
     service = app.state.service
-    service.responses.max_entries = 50
+    service.state.responses.max_entries = 50
     service.poe.UPLOAD_CACHE_SIZE = 20
 
     def read() -> dict[str, Any]:
@@ -408,7 +408,7 @@ def test_response_store_is_bounded_in_bytes_too(fake_poe: FakePoe) -> None:
         }
     )
     service = app.state.service
-    service.responses.max_bytes = 2 * 2**20
+    service.state.responses.max_bytes = 2 * 2**20
     page = "log line " * 25_000  # 225 KB of input
 
     async def send(client: httpx.AsyncClient, i: int) -> None:
