@@ -48,6 +48,7 @@ def status(service: Service) -> dict[str, Any]:
         "cancelling": len(service.gone),
         "state": service.state.describe(),
         "responses_stored": service.state.stored_count(),
+        "responses_stored_mb": stored_mb(service),
         "uploads_cached": len(service.poe._uploaded),
         "asyncio_tasks": len(all_tasks),
         "asyncio_task_kinds": dict(kinds.most_common(5)),
@@ -82,3 +83,9 @@ def client_key_advice(settings: Settings, spelling: Spelling = OPTION) -> str:
     if settings.api_keys:
         return "any (the proxy's Poe key answers)"
     return "the user's own Poe key, from poe.com/api_key (the proxy holds none)"
+
+
+def stored_mb(service: Service) -> float | None:
+    """The in-process response store's size (Redis keeps its own count)."""
+    store = getattr(service.state, "responses", None)
+    return None if store is None else round(store.bytes / 2**20, 1)
