@@ -123,10 +123,10 @@ class KeyPool:
             return
         state.rejected = True
         state.reason = "rejected by Poe"
-        until = "restart" if isinstance(self.state, LocalState) else "24 h, by any instance"
-        logger.warning(
-            "poe-openai: %s was rejected by Poe; not used again for %s", state.tag, until
+        until = (
+            "until restart" if isinstance(self.state, LocalState) else "for 24 h, by any instance"
         )
+        logger.warning("poe-openai: %s was rejected by Poe; not used again %s", state.tag, until)
         with contextlib.suppress(Unavailable):
             await self.state.reject_key(state.digest)
 
