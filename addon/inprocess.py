@@ -111,11 +111,11 @@ async def answer(
 
 def response(start: Message, content: bytes, head: bool) -> http.Response:
     headers = http.Headers(list(start.get("headers", [])))
-    if "content-length" not in headers:
+    status = int(start["status"])
+    if "content-length" not in headers and status >= 200 and status not in (204, 304):
         # uvicorn would have sent it chunked; one piece is framed by its length
         headers.pop("transfer-encoding", None)
         headers["content-length"] = str(len(content))
-    status = int(start["status"])
     now = time.time()  # (mitmproxy sets both again as it sends the response)
     return http.Response(
         http_version=b"HTTP/1.1",
