@@ -424,6 +424,7 @@ class PoeOpenAI:
         self.notices = OwnStreamNotices()
         self.configured = False  # configure() ran (mitmproxy applied the options)
         self.refusals: list[str] = []  # why start-up was refused (each logged once)
+        self.tail = InProcessAnswers(self)
 
     def load(self, loader: Loader) -> None:
         self.notices.install()
@@ -531,6 +532,8 @@ class PoeOpenAI:
         if self.service is None or self.settings is None:
             return  # refused (logged); answered hosts get a 503 until mitmproxy exits
         raise_open_file_limit()
+        if self.tail not in ctx.master.addons.chain:
+            ctx.master.addons.add(self.tail)
         if self.watcher is None:
             gctune.tune()
             self._ensure_server()
@@ -566,6 +569,8 @@ class PoeOpenAI:
         return self.server
 
     def done(self) -> None:
+        if self.tail in ctx.master.addons.chain:
+            ctx.master.addons.remove(self.tail)
         self.notices.uninstall()
         for view in views.VIEWS:
             with contextlib.suppress(Exception):
@@ -685,9 +690,9 @@ class PoeOpenAI:
             assert self.server is not None
             if (flow.request.host, flow.request.port) != (self.server.host, self.server.port):
                 self._route(flow)  # another addon moved it: put it back
-            if ctx.options.poe_in_process and not inprocess.needs_stream(flow.request):
-                await self._answer_in_process(flow)
-                return
+            here = ctx.options.poe_in_process and not inprocess.needs_stream(flow.request)
+            if here and self.tail in ctx.master.addons.chain:
+                return  # the tail answers it, once every addon's request hook has run
             await self.server.wait_started()
         except Exception:
             # Fail closed: an answered host must never reach the real upstream.
@@ -695,9 +700,22 @@ class PoeOpenAI:
             flow.response = error_response(internal_error())
             redact(flow)
 
-    async def _answer_in_process(self, flow: http.HTTPFlow) -> None:
+    async def answer_in_process(self, flow: http.HTTPFlow) -> None:
         """The app's answer, set on the flow: no loopback connection, no second parse. The
         flow stays routed to the loopback server, so a failure here still fails closed."""
+        meta = flow.metadata.get(METADATA_KEY)
+        if meta is None or flow.response is not None or self.server is None:
+            return  # not ours, or another addon answered it (as it would before the hop)
+        if not ctx.options.poe_in_process or inprocess.needs_stream(flow.request):
+            return
+        try:
+            await self._answer_in_process(flow)
+        except Exception:
+            logger.exception("poe-openai: could not answer %s", meta["url"])
+            flow.response = error_response(internal_error())
+            redact(flow)
+
+    async def _answer_in_process(self, flow: http.HTTPFlow) -> None:
         assert self.server is not None and self.service is not None
         service = self.service
         client = flow.client_conn
@@ -786,6 +804,18 @@ class PoeOpenAI:
             self.service.stats["client left"] += 1  # (no log line: 50 leaving at once add up)
         flow.request.url = meta["url"]
         redact(flow)
+
+
+class InProcessAnswers:
+    """The end of mitmproxy's addon chain: answers that need no stream are given here, after
+    every addon's `request` hook has run (save, modifyheaders, maplocal, ...), as they have
+    when the request leaves over the loopback hop. Added by PoeOpenAI once running."""
+
+    def __init__(self, owner: PoeOpenAI) -> None:
+        self.owner = owner
+
+    async def request(self, flow: http.HTTPFlow) -> None:
+        await self.owner.answer_in_process(flow)
 
 
 def client_settings(modes: collections.abc.Sequence[str]) -> list[str]:
