@@ -879,8 +879,9 @@ def render(rows: list[tuple[str, str, str, str]]) -> str:
 # --- profiling -----------------------------------------------------------------------------
 
 
-def profile(seconds: int, concurrency: int, bot: str) -> None:
-    """A streaming load under py-spy; self time by layer (see profile_report.py)."""
+def profile(seconds: int, concurrency: int, bot: str, stream: bool = True) -> None:
+    """A streaming (or non-streamed) load under py-spy; self time by layer (see
+    profile_report.py)."""
     py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     if not Path(py_spy).exists():
         sys.exit("py-spy is not installed: .venv/bin/pip install py-spy")
@@ -890,15 +891,16 @@ def profile(seconds: int, concurrency: int, bot: str) -> None:
     try:
         with running(addon_mitmdump(poe)) as m:
             pid, port = pid_of(m), m.reverse_port or 0
-            body = chat_body(bot, True)
-            asyncio.run(load(pid, port, body, concurrency, concurrency * 4, b"[DONE]"))
+            body = chat_body(bot, stream)
+            done = b"[DONE]" if stream else b'"finish_reason"'
+            asyncio.run(load(pid, port, body, concurrency, concurrency * 4, done))
             raw = BENCH / "profile.txt"
             stop = threading.Event()
 
             def keep_loading() -> None:
                 while not stop.is_set():
                     try:
-                        asyncio.run(load(pid, port, body, concurrency, concurrency * 8, b"[DONE]"))
+                        asyncio.run(load(pid, port, body, concurrency, concurrency * 8, done))
                     except Exception:  # mitmdump stopped under it: the profile is done
                         return
 
@@ -926,6 +928,9 @@ def main() -> None:
     )
     parser.add_argument("--profile-bot", default="Hi", help="the bot streamed while profiling")
     parser.add_argument("--profile-concurrency", type=int, default=16)
+    parser.add_argument(
+        "--profile-json", action="store_true", help="profile non-streamed requests instead"
+    )
     parser.add_argument("--out", default=str(BENCH / "results.json"))
     parser.add_argument(
         "--peers-only", action="store_true", help="only 6. (the bridge and the plain server)"
@@ -933,7 +938,7 @@ def main() -> None:
     args = parser.parse_args()
     raise_client_open_files()
     if args.profile:
-        profile(args.profile, args.profile_concurrency, args.profile_bot)
+        profile(args.profile, args.profile_concurrency, args.profile_bot, not args.profile_json)
         return
 
     from peers import peers
