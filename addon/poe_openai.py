@@ -26,6 +26,7 @@ if __package__ in (None, "") or __package__.startswith("__mitmproxy_script__"):
 
 from mitmproxy import command, contentviews, ctx, exceptions, http, optmanager
 from mitmproxy.addonmanager import Loader
+from mitmproxy.connection import ConnectionState
 from mitmproxy.proxy.mode_specs import (
     DnsMode,
     LocalMode,
@@ -37,7 +38,7 @@ from mitmproxy.proxy.mode_specs import (
     WireGuardMode,
 )
 
-from addon import catalog, gctune, views
+from addon import catalog, gctune, inprocess, views
 from addon.app import FLOW_HEADER, create_app
 from addon.config import (
     DEFAULT_BASE_URL,
@@ -201,6 +202,13 @@ OPTIONS: tuple[tuple[str, Any, Any, str], ...] = (
         int,
         1_000_000,
         "Bytes of each streamed answer kept on the flow for inspection (0: keep none).",
+    ),
+    (
+        "poe_in_process",
+        bool,
+        True,
+        "Answer requests that need no stream inside mitmproxy, without the loopback hop "
+        "(false: every answer takes the hop, as streams do).",
     ),
 )
 OPTION_TYPES: dict[str, Any] = {name: kind for name, kind, _, _ in OPTIONS}
@@ -440,6 +448,7 @@ class PoeOpenAI:
         self.notices = OwnStreamNotices()
         self.configured = False  # configure() ran (mitmproxy applied the options)
         self.refusals: list[str] = []  # why start-up was refused (each logged once)
+        self.tail = InProcessAnswers(self)
 
     def load(self, loader: Loader) -> None:
         self.notices.install()
@@ -568,6 +577,8 @@ class PoeOpenAI:
         if self.service is None or self.settings is None:
             return  # refused (logged); answered hosts get a 503 until mitmproxy exits
         raise_open_file_limit()
+        if self.tail not in ctx.master.addons.chain:
+            ctx.master.addons.add(self.tail)
         if self.watcher is None:
             gctune.tune()
             self._ensure_server()
@@ -612,6 +623,8 @@ class PoeOpenAI:
         return self.server
 
     def done(self) -> None:
+        if self.tail in ctx.master.addons.chain:
+            ctx.master.addons.remove(self.tail)
         self.notices.uninstall()
         for view in views.VIEWS:
             with contextlib.suppress(Exception):
@@ -707,7 +720,12 @@ class PoeOpenAI:
             self.service.routed[flow.id] = secrets
             self._route(flow)
             size = flow.request.headers.get("content-length", "")
-            if not size.isdigit() or int(size) > self.settings.max_body_bytes:
+            bodiless = (
+                not size
+                and "transfer-encoding" not in flow.request.headers
+                and not (flow.request.is_http2 or flow.request.is_http3)
+            )  # HTTP/1 with neither header: no body (a GET), nothing to stream
+            if not bodiless and (not size.isdigit() or int(size) > self.settings.max_body_bytes):
                 # Not read (and buffered) whole here: the app judges the request in order
                 # (auth, then size) and refuses the body the moment it is too large.
                 flow.request.stream = StreamedRequest(flow, self.settings.max_body_bytes)
@@ -727,14 +745,55 @@ class PoeOpenAI:
             return
         try:
             assert self.server is not None
-            await self.server.wait_started()
             if (flow.request.host, flow.request.port) != (self.server.host, self.server.port):
                 self._route(flow)  # another addon moved it: put it back
+            here = ctx.options.poe_in_process and not inprocess.needs_stream(flow.request)
+            if here and self.tail in ctx.master.addons.chain:
+                return  # the tail answers it, once every addon's request hook has run
+            await self.server.wait_started()
         except Exception:
             # Fail closed: an answered host must never reach the real upstream.
             logger.exception("poe-openai: could not route %s", meta["url"])
             flow.response = error_response(internal_error())
             redact(flow)
+
+    async def answer_in_process(self, flow: http.HTTPFlow) -> None:
+        """The app's answer, set on the flow: no loopback connection, no second parse. The
+        flow stays routed to the loopback server, so a failure here still fails closed."""
+        meta = flow.metadata.get(METADATA_KEY)
+        if meta is None or flow.response is not None or self.server is None:
+            return  # not ours, or another addon answered it (as it would before the hop)
+        if not ctx.options.poe_in_process or inprocess.needs_stream(flow.request):
+            return
+        try:
+            await self._answer_in_process(flow)
+        except Exception:
+            logger.exception("poe-openai: could not answer %s", meta["url"])
+            flow.response = error_response(internal_error())
+            redact(flow)
+
+    async def _answer_in_process(self, flow: http.HTTPFlow) -> None:
+        assert self.server is not None and self.service is not None
+        service = self.service
+        client = flow.client_conn
+
+        def client_left() -> bool:
+            # HTTP/1: mitmproxy clears CAN_READ the moment the client closes its socket,
+            # while the `error` hook waits for this hook to return.
+            return not client.state & ConnectionState.CAN_READ
+
+        def on_client_left() -> None:
+            if service.cancel(flow.id):
+                service.stats["client left"] += 1
+
+        flow.metadata[METADATA_KEY]["in_process"] = True
+        flow.response = await inprocess.answer(
+            self.server.app,
+            flow.request,
+            (self.server.host, self.server.port),
+            client_left,
+            on_client_left,
+        )
 
     def _route(self, flow: http.HTTPFlow) -> None:
         server = self._ensure_server()
@@ -753,7 +812,10 @@ class PoeOpenAI:
         flow.request.url = meta["url"]  # the flow list shows the OpenAI URL, not loopback
         redact(flow)
         flow.marked = ":speech_balloon:"
-        if flow.response.headers.get("content-type", "").startswith("text/event-stream"):
+        streamed = not meta.get("in_process")  # a response set by the hook is sent whole
+        if streamed and flow.response.headers.get("content-type", "").startswith(
+            "text/event-stream"
+        ):
             limit = ctx.options.poe_stream_store_limit
             flow.response.stream = StoredStream(flow, limit) if limit else True
             self.notices.expect(flow.client_conn.peername, flow.request.host)
@@ -799,6 +861,18 @@ class PoeOpenAI:
             self.service.stats["client left"] += 1  # (no log line: 50 leaving at once add up)
         flow.request.url = meta["url"]
         redact(flow)
+
+
+class InProcessAnswers:
+    """The end of mitmproxy's addon chain: answers that need no stream are given here, after
+    every addon's `request` hook has run (save, modifyheaders, maplocal, ...), as they have
+    when the request leaves over the loopback hop. Added by PoeOpenAI once running."""
+
+    def __init__(self, owner: PoeOpenAI) -> None:
+        self.owner = owner
+
+    async def request(self, flow: http.HTTPFlow) -> None:
+        await self.owner.answer_in_process(flow)
 
 
 def client_settings(modes: collections.abc.Sequence[str], settings: Settings) -> list[str]:

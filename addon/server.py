@@ -38,6 +38,7 @@ class _InLoopServer(uvicorn.Server):
 
 class LoopbackServer:
     def __init__(self, app: ASGIApp, host: str = "127.0.0.1") -> None:
+        self.app = app  # also called in-process, for answers that need no stream
         # IPPROTO_TCP explicitly: asyncio sets TCP_NODELAY only when sock.proto says TCP;
         # without it each small answer waits ~40 ms on Nagle + delayed ACK.
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)

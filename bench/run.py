@@ -737,6 +737,8 @@ def table(res: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     def add(name: str, value: str = "", target: str = "", ok: bool | None = None) -> None:
         rows.append((name, value, target, "" if ok is None else "PASS" if ok else "FAIL"))
 
+    if "first_token" not in res:  # --peers-only
+        return rows + peer_rows(res)
     t = res["first_token"]
     add(f"1. Time to first token ({t['requests_each']} sequential requests each, interleaved)")
     add("   through the addon, median / p99", f"{t['addon_median_ms']} / {t['addon_p99_ms']} ms")
@@ -843,6 +845,15 @@ def table(res: dict[str, Any]) -> list[tuple[str, str, str, str]]:
         "   first token, long vs tiny prompt (per-request cost)",
         f"{pr['long_prompt_first_ms']} vs {pr['tiny_prompt_first_ms']} ms",
     )
+    return rows + peer_rows(res)
+
+
+def peer_rows(res: dict[str, Any]) -> list[tuple[str, str, str, str]]:
+    from peers import table_rows
+
+    rows = [("6. Peers: minimal bridge, plain server, addon, canned mitmdump", "", "", "")]
+    for name, value, target, ok in table_rows(res["peers"]):
+        rows.append((name, value, target, "" if ok is None else "PASS" if ok else "FAIL"))
     return rows
 
 
@@ -868,8 +879,9 @@ def render(rows: list[tuple[str, str, str, str]]) -> str:
 # --- profiling -----------------------------------------------------------------------------
 
 
-def profile(seconds: int, concurrency: int, bot: str) -> None:
-    """A streaming load under py-spy; self time by layer (see profile_report.py)."""
+def profile(seconds: int, concurrency: int, bot: str, stream: bool = True) -> None:
+    """A streaming (or non-streamed) load under py-spy; self time by layer (see
+    profile_report.py)."""
     py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     if not Path(py_spy).exists():
         sys.exit("py-spy is not installed: .venv/bin/pip install py-spy")
@@ -879,15 +891,16 @@ def profile(seconds: int, concurrency: int, bot: str) -> None:
     try:
         with running(addon_mitmdump(poe)) as m:
             pid, port = pid_of(m), m.reverse_port or 0
-            body = chat_body(bot, True)
-            asyncio.run(load(pid, port, body, concurrency, concurrency * 4, b"[DONE]"))
+            body = chat_body(bot, stream)
+            done = b"[DONE]" if stream else b'"finish_reason"'
+            asyncio.run(load(pid, port, body, concurrency, concurrency * 4, done))
             raw = BENCH / "profile.txt"
             stop = threading.Event()
 
             def keep_loading() -> None:
                 while not stop.is_set():
                     try:
-                        asyncio.run(load(pid, port, body, concurrency, concurrency * 8, b"[DONE]"))
+                        asyncio.run(load(pid, port, body, concurrency, concurrency * 8, done))
                     except Exception:  # mitmdump stopped under it: the profile is done
                         return
 
@@ -915,12 +928,20 @@ def main() -> None:
     )
     parser.add_argument("--profile-bot", default="Hi", help="the bot streamed while profiling")
     parser.add_argument("--profile-concurrency", type=int, default=16)
+    parser.add_argument(
+        "--profile-json", action="store_true", help="profile non-streamed requests instead"
+    )
     parser.add_argument("--out", default=str(BENCH / "results.json"))
+    parser.add_argument(
+        "--peers-only", action="store_true", help="only 6. (the bridge and the plain server)"
+    )
     args = parser.parse_args()
     raise_client_open_files()
     if args.profile:
-        profile(args.profile, args.profile_concurrency, args.profile_bot)
+        profile(args.profile, args.profile_concurrency, args.profile_bot, not args.profile_json)
         return
+
+    from peers import peers
 
     plan = QUICK if args.quick else FULL
     load_before = os.getloadavg()[0]
@@ -935,17 +956,21 @@ def main() -> None:
                 ("first_token", lambda: first_token(plan, m, poe)),
                 ("per_token", lambda: per_token(plan, m, poe)),
             ]
-            for name, fn in steps:
+            for name, fn in steps if not args.peers_only else []:
                 log(f"{name}...")
                 results[name] = fn()
             capture_canned(m, tmp / "canned.json")
             with running(canned_mitmdump(tmp / "canned.json")) as canned:
-                log(f"cpu per request (floor mitmdump pid {pid_of(canned)})...")
-                results["cpu"] = cpu_per_request(plan, m, canned, poe)
-        log("long answers and long prompts (fresh mitmdump)...")
-        results["long"] = long_answers(plan, poe)
-        log("scale (fresh mitmdump)...")
-        results["scale"] = scale(plan, poe)
+                if not args.peers_only:
+                    log(f"cpu per request (floor mitmdump pid {pid_of(canned)})...")
+                    results["cpu"] = cpu_per_request(plan, m, canned, poe)
+                log("peers: minimal bridge, plain server, addon, canned mitmdump...")
+                results["peers"] = peers(plan, m, canned, poe)
+        if not args.peers_only:
+            log("long answers and long prompts (fresh mitmdump)...")
+            results["long"] = long_answers(plan, poe)
+            log("scale (fresh mitmdump)...")
+            results["scale"] = scale(plan, poe)
     finally:
         poe.stop()
         shutil.rmtree(tmp, ignore_errors=True)

@@ -29,6 +29,8 @@ def pytest_configure(config: pytest.Config) -> None:
         " injection",
         "poe_reference_only(reason): in a both_stand_ins module, a test of what only"
         " fastapi-poe's bot server does",
+        "both_transports: tests (of a module, or one) on the proxy fixtures run with answers"
+        " that need no stream given in-process and with every answer over the loopback hop",
     ):
         config.addinivalue_line("markers", line)
     # fastapi-poe's make_app still calls pydantic's parse_obj: its noise, not ours.
@@ -43,6 +45,22 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if asks_poe and metafunc.definition.get_closest_marker("both_stand_ins"):
         params = [pytest.param(key, id=key or "fake_poe") for key in STAND_INS]
         metafunc.parametrize("fake_poe", params, indirect=True, scope="session")
+    # (the proxy fixtures take `transport`, and so can a module's own mitmdump fixture)
+    if "transport" in metafunc.fixturenames and metafunc.definition.get_closest_marker(
+        "both_transports"
+    ):
+        metafunc.parametrize("transport", TRANSPORTS, indirect=True, scope="session")
+
+
+# The addon's two ways to answer (poe_in_process): None, the default, is in-process.
+TRANSPORTS = [pytest.param(None, id="in_process"), pytest.param("loopback", id="loopback")]
+
+
+@pytest.fixture(scope="session")
+def transport(request: pytest.FixtureRequest) -> dict[str, str]:
+    """Options for the proxy fixtures: {} (answers that need no stream given in-process), or
+    every answer over the loopback hop (both_transports modules run both)."""
+    return {"poe_in_process": "false"} if getattr(request, "param", None) else {}
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -76,29 +94,29 @@ def poe_options(fake: FakePoe, **extra: str) -> dict[str, str]:
 
 
 @pytest.fixture(scope="session")
-def proxy(fake_poe: FakePoe) -> Iterator[Mitmdump]:
+def proxy(fake_poe: FakePoe, transport: dict[str, str]) -> Iterator[Mitmdump]:
     """Configured Poe key (from POE_API_KEY), no access tokens: any client is accepted.
 
     Started with connection_strategy=eager, which the addon must override: with eager,
     mitmproxy would try to reach api.openai.com (offline here) before any hook runs.
     """
-    opts = poe_options(fake_poe, connection_strategy="eager", poe_max_file_mb="1")
+    opts = poe_options(fake_poe, connection_strategy="eager", poe_max_file_mb="1", **transport)
     with Mitmdump(options=opts, env={"POE_API_KEY": POE_KEY}) as m:
         yield m
 
 
 @pytest.fixture(scope="session")
-def proxy_tokens(fake_poe: FakePoe) -> Iterator[Mitmdump]:
+def proxy_tokens(fake_poe: FakePoe, transport: dict[str, str]) -> Iterator[Mitmdump]:
     """Configured Poe key and access tokens: clients must present a token."""
-    opts = poe_options(fake_poe, poe_api_key=POE_KEY, poe_access_tokens=ACCESS_TOKEN)
+    opts = poe_options(fake_poe, poe_api_key=POE_KEY, poe_access_tokens=ACCESS_TOKEN, **transport)
     with Mitmdump(options=opts, regular=False) as m:
         yield m
 
 
 @pytest.fixture(scope="session")
-def proxy_passthrough(fake_poe: FakePoe) -> Iterator[Mitmdump]:
+def proxy_passthrough(fake_poe: FakePoe, transport: dict[str, str]) -> Iterator[Mitmdump]:
     """No configured key: the client's own Bearer key is its Poe key."""
-    with Mitmdump(options=poe_options(fake_poe), regular=False) as m:
+    with Mitmdump(options=poe_options(fake_poe, **transport), regular=False) as m:
         yield m
 
 

@@ -13,6 +13,7 @@ from harness import Mitmdump
 from mitmproxy import io as mitmio
 
 USER = [{"role": "user", "content": "hi"}]
+pytestmark = pytest.mark.both_transports  # answers given in-process and over the loopback hop
 
 
 def test_access_tokens_are_required_and_never_forwarded(

@@ -26,7 +26,10 @@ from fake_poe import (
 from harness import Mitmdump
 from openapi_schema import validate
 
-pytestmark = pytest.mark.both_stand_ins  # FakePoe and fastapi-poe's own bot server
+pytestmark = [
+    pytest.mark.both_stand_ins,  # FakePoe and fastapi-poe's own bot server
+    pytest.mark.both_transports,  # answers given in-process and over the loopback hop
+]
 HTTP_ERROR_ONLY_IN_FAKE_POE = pytest.mark.fake_poe_only(
     reason="http_error(): fastapi-poe's bot server always answers with an event stream"
 )

@@ -28,6 +28,7 @@ from test_standalone import start, wait_port
 from addon.config import fingerprint
 
 MB = 1024 * 1024
+pytestmark = pytest.mark.both_transports  # answers given in-process and over the loopback hop
 UNKNOWN_KEY = "poe-key-poe-does-not-know"  # the stand-in answers it 401
 BAD_MODEL = "no such model!"  # not a valid Poe bot name: 404 without asking Poe
 USER = [{"role": "user", "content": "hi"}]
@@ -97,13 +98,19 @@ class Judged:
 
 
 @pytest.fixture(scope="module", params=list(KEY_ANSWER))
-def judged(request: pytest.FixtureRequest, fake_poe: FakePoe) -> Iterator[Judged]:
+def judged(
+    request: pytest.FixtureRequest, fake_poe: FakePoe, transport: dict[str, str]
+) -> Iterator[Judged]:
     """A proxy with access tokens and one configured key, brought to a key state by one
     request whose Poe answer rests or rejects the key."""
     state: str = request.param
     key = UNKNOWN_KEY if state == "rejected" else POE_KEY
     opts = poe_options(
-        fake_poe, poe_api_key=key, poe_access_tokens=ACCESS_TOKEN, poe_max_body_mb="1"
+        fake_poe,
+        poe_api_key=key,
+        poe_access_tokens=ACCESS_TOKEN,
+        poe_max_body_mb="1",
+        **transport,
     )
     bot, image_bot = (f"Judged-{uuid.uuid4().hex[:8]}" for _ in range(2))
     fake_poe.script(bot, [text("ok")])
@@ -279,8 +286,8 @@ def sized_chat(bot: str, size: int) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def small_body_proxy(fake_poe: FakePoe) -> Iterator[Mitmdump]:
-    opts = poe_options(fake_poe, poe_api_key=POE_KEY, poe_max_body_mb="1")
+def small_body_proxy(fake_poe: FakePoe, transport: dict[str, str]) -> Iterator[Mitmdump]:
+    opts = poe_options(fake_poe, poe_api_key=POE_KEY, poe_max_body_mb="1", **transport)
     with Mitmdump(options=opts) as m:
         yield m
 

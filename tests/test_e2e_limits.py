@@ -13,7 +13,10 @@ from openapi_schema import validate
 
 from addon.tokens import TokenCounter
 
-pytestmark = pytest.mark.both_stand_ins  # FakePoe and fastapi-poe's own bot server
+pytestmark = [
+    pytest.mark.both_stand_ins,  # FakePoe and fastapi-poe's own bot server
+    pytest.mark.both_transports,  # answers given in-process and over the loopback hop
+]
 
 USER = [{"role": "user", "content": "Tell me a long story"}]
 WORDS = [f" word{i}" for i in range(60)]

@@ -15,7 +15,10 @@ from fake_poe import FakePoe, http_error, json_event, replace, sleep, text
 from harness import Mitmdump, assert_no_traceback
 from mitmproxy import io as mitmio
 
-pytestmark = pytest.mark.both_stand_ins  # FakePoe and fastapi-poe's own bot server
+pytestmark = [
+    pytest.mark.both_stand_ins,  # FakePoe and fastapi-poe's own bot server
+    pytest.mark.both_transports,  # answers given in-process and over the loopback hop
+]
 
 USER = [{"role": "user", "content": "hi"}]
 

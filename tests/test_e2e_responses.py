@@ -11,7 +11,10 @@ from fake_poe import FakePoe, error, json_event, sleep, text
 from harness import Mitmdump
 from openapi_schema import validate
 
-pytestmark = pytest.mark.both_stand_ins  # FakePoe and fastapi-poe's own bot server
+pytestmark = [
+    pytest.mark.both_stand_ins,  # FakePoe and fastapi-poe's own bot server
+    pytest.mark.both_transports,  # answers given in-process and over the loopback hop
+]
 
 WEATHER = {
     "type": "function",

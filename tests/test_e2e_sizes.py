@@ -29,6 +29,7 @@ from addon.images import MAX_IMAGES
 from addon.tools import MAX_TOOLS
 
 MB = 1024 * 1024
+pytestmark = pytest.mark.both_transports  # answers given in-process and over the loopback hop
 BODY_LIMIT = 1 * MB  # poe_max_body_mb=1 (small_body below)
 FILE_LIMIT = 1 * MB  # poe_max_file_mb=1 (the session's proxy)
 EDGES = {"under": -1, "at": 0, "over": 1}
@@ -36,8 +37,10 @@ STORE_SIZE = 3  # poe_response_store_size (small_body)
 
 
 @pytest.fixture(scope="module")
-def small_body(fake_poe: FakePoe) -> Iterator[Mitmdump]:
-    opts = poe_options(fake_poe, poe_max_body_mb="1", poe_response_store_size=str(STORE_SIZE))
+def small_body(fake_poe: FakePoe, transport: dict[str, str]) -> Iterator[Mitmdump]:
+    opts = poe_options(
+        fake_poe, poe_max_body_mb="1", poe_response_store_size=str(STORE_SIZE), **transport
+    )
     with Mitmdump(options=opts, env={"POE_API_KEY": POE_KEY}, regular=False) as m:
         yield m
 
