@@ -83,6 +83,15 @@ async def get_model(service: Service, request: Request) -> Response:
 # --- shared machinery ------------------------------------------------------------------------
 
 
+# Texts longer than this are counted in a thread (the tokenizer releases the GIL): about 10 ms
+# of counting on the event loop at most.
+OFF_LOOP_CHARS = 50_000
+
+
+def _chars(prompts: list[str], answers: list[str]) -> int:
+    return sum(map(len, prompts)) + sum(map(len, answers))
+
+
 class Call:
     """One client request in flight: its key, its Poe queries, its label for the log."""
 
@@ -161,6 +170,20 @@ class Call:
             )
             self._usage = chat.usage(prompt, self.completion_tokens(answers))
         return self._usage
+
+    async def counted_usage(
+        self, prompts: list[str], answers: list[str], *, chat_format: bool
+    ) -> dict[str, int]:
+        """``usage``, counted in a thread when the texts are long: a megabyte takes about half
+        a second, which on the event loop would stall every other answer meanwhile."""
+        if self._usage is None and _chars(prompts, answers) > OFF_LOOP_CHARS:
+            await asyncio.to_thread(self.usage, prompts, answers, chat_format=chat_format)
+        return self.usage(prompts, answers, chat_format=chat_format)
+
+    async def counted_answers(self, answers: list[str]) -> None:
+        """The answer's tokens for the flow's comment, off the loop when the answer is long."""
+        if self._completion_tokens is None and _chars([], answers) > OFF_LOOP_CHARS:
+            await asyncio.to_thread(self.completion_tokens, answers)
 
     def completion_tokens(self, answers: list[str]) -> int:
         if self._completion_tokens is None:
@@ -378,15 +401,15 @@ async def chat_completions(service: Service, request: Request) -> Response:
     completion_id = "chatcmpl-" + new_id()[:24]
     created = int(time.time())
 
-    def usage(answers: list[str]) -> dict[str, int]:  # counted when written, not on the way
-        return call.usage([m.content for m in query.query], answers, chat_format=True)
+    async def usage(answers: list[str]) -> dict[str, int]:  # counted when written
+        return await call.counted_usage([m.content for m in query.query], answers, chat_format=True)
 
     if not sampling.stream:
         await call.collect()
         choices = [
             chat.Choice(r.final_text, r.finish_reason or "stop", r.tool_calls) for r in call.runners
         ]
-        answered = usage([c.text for c in choices])
+        answered = await usage([c.text for c in choices])
         call.done("answered")
         return AnswerJSON(chat.completion(completion_id, created, req.model, choices, answered))
 
@@ -421,9 +444,10 @@ async def chat_completions(service: Service, request: Request) -> Response:
                 held = b""
         tail = [held]
         if sampling.include_usage:
-            tail.append(sse(chunks.usage(usage([r.text for r in call.runners]))))
+            tail.append(sse(chunks.usage(await usage([r.text for r in call.runners]))))
         tail.append(SSE_DONE)
         yield b"".join(tail)
+        await call.counted_answers([r.text for r in call.runners])
         call.done("streamed", [r.text for r in call.runners])
 
     return call.stream(request, body)
@@ -460,8 +484,8 @@ async def legacy_completions(service: Service, request: Request) -> Response:
     completion_id = "cmpl-" + new_id()[:24]
     created = int(time.time())
 
-    def usage(answers: list[str]) -> dict[str, int]:  # counted when written, not on the way
-        return call.usage(req.prompts, answers, chat_format=False)
+    async def usage(answers: list[str]) -> dict[str, int]:  # counted when written
+        return await call.counted_usage(req.prompts, answers, chat_format=False)
 
     def echoed(index: int, text: str) -> str:
         return prompts[index] + text if req.echo else text
@@ -470,7 +494,7 @@ async def legacy_completions(service: Service, request: Request) -> Response:
         await call.collect()
         runners = call.runners
         choices = [(echoed(r.index, r.final_text), r.finish_reason or "stop") for r in runners]
-        answered = usage([r.final_text for r in runners])
+        answered = await usage([r.final_text for r in runners])
         call.done("answered")
         return AnswerJSON(
             completions.text_completion(completion_id, created, req.model, choices, answered)
@@ -504,10 +528,11 @@ async def legacy_completions(service: Service, request: Request) -> Response:
                     "created": created,
                     "model": req.model,
                     "choices": [],
-                    "usage": usage([r.text for r in call.runners]),
+                    "usage": await usage([r.text for r in call.runners]),
                 }
             )
         yield SSE_DONE
+        await call.counted_answers([r.text for r in call.runners])
         call.done("streamed", [r.text for r in call.runners])
 
     return call.stream(request, body)
@@ -624,11 +649,14 @@ async def responses_create(service: Service, request: Request) -> Response:
 
     builder = responses.ResponseBuilder(body, req.model, body.get("tools") or [])
 
+    async def counted() -> dict[str, int]:  # counted when written, not on the way
+        prompts = [m.content for m in query.query]
+        return await call.counted_usage(prompts, [call.runners[0].text], chat_format=True)
+
     def feed(piece: Piece) -> list[dict[str, Any]]:
         events = builder.text(piece.text) + builder.tool_calls(piece.tool_calls)
         if piece.finish:
-            # counted when written, not on the way
-            prompts = [m.content for m in query.query]
+            prompts = [m.content for m in query.query]  # (counted before: see counted())
             usage = call.usage(prompts, [call.runners[0].text], chat_format=True)
             events += builder.finish(piece.finish, usage)
         return events
@@ -662,6 +690,7 @@ async def responses_create(service: Service, request: Request) -> Response:
                 finish = piece.finish or finish
         except PoeError as e:
             raise call.failure(e, "while answering") from None
+        await counted()
         # Poe's final text (a stream can only give what it already sent; this need not)
         feed(Piece(0, call.runners[0].final_text, deltas, finish))
         await keep()
@@ -679,6 +708,8 @@ async def responses_create(service: Service, request: Request) -> Response:
                 for event in builder.fail(piece):
                     yield responses.sse_event(event)
                 return
+            if piece.finish:
+                await counted()
             fed = feed(piece)
             if piece.finish:
                 await keep()
