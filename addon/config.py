@@ -199,14 +199,18 @@ def normalize_host(host: str) -> str:
     return host.rstrip(".")
 
 
-def _base_url(option: str, value: str, spelling: Spelling) -> str:
+def _is_url(value: str, schemes: tuple[str, ...]) -> bool:
+    """A URL with one of ``schemes``, a host, and a numeric port if any."""
     try:
         parts = urlsplit(value)
-        valid = parts.scheme in ("http", "https") and bool(parts.hostname)
         parts.port  # noqa: B018 (raises ValueError for a port that is not a number)
     except ValueError:
-        valid = False
-    if not valid:
+        return False
+    return parts.scheme in schemes and bool(parts.hostname)
+
+
+def _base_url(option: str, value: str, spelling: Spelling) -> str:
+    if not _is_url(value, ("http", "https")):
         raise ConfigError(
             f"{spelling.name(option)}={_without_password(value)!r} is not an http(s) URL; "
             f"use e.g. {spelling.example(option, DEFAULT_BASE_URL)}"
@@ -218,13 +222,7 @@ def _proxy(value: str, spelling: Spelling) -> str | None:
     value = value.strip()
     if not value:
         return None
-    try:
-        parts = urlsplit(value)
-        valid = parts.scheme in PROXY_SCHEMES and bool(parts.hostname)
-        parts.port  # noqa: B018 (raises ValueError for a port that is not a number)
-    except ValueError:
-        valid = False
-    if not valid:
+    if not _is_url(value, PROXY_SCHEMES):
         raise ConfigError(
             f"{spelling.name('poe_proxy')}={_without_password(value)!r} is not a proxy URL; use "
             f"e.g. {spelling.example('poe_proxy', 'http://127.0.0.1:7890')} or "
@@ -342,13 +340,7 @@ def _models_url(value: str, base_url: str, spelling: Spelling) -> str | None:
     if value == DEFAULT_MODELS_URL:
         parts = urlsplit(base_url)
         return f"{parts.scheme}://{parts.netloc}/v1/models"
-    try:
-        parts = urlsplit(value)
-        valid = parts.scheme in ("http", "https") and bool(parts.hostname)
-        parts.port  # noqa: B018 (raises ValueError for a port that is not a number)
-    except ValueError:
-        valid = False
-    if not valid:
+    if not _is_url(value, ("http", "https")):
         name = spelling.name("poe_models_url")
         raise ConfigError(
             f"{name}={_without_password(value)!r} is not an http(s) URL; use e.g. "
