@@ -146,14 +146,17 @@ class Call:
         try:
             return work()
         except Exception as e:
-            logger.warning(
-                "poe-openai: %s: %s failed (%s: %s); the answer goes to the client anyway",
-                self.label,
-                step,
-                type(e).__name__,
-                str(e)[:200],
-            )
+            self.step_failed(step, e)
             return fallback()
+
+    def step_failed(self, step: str, e: Exception) -> None:
+        logger.warning(
+            "poe-openai: %s: %s failed (%s: %s); the answer goes to the client anyway",
+            self.label,
+            step,
+            type(e).__name__,
+            str(e)[:200],
+        )
 
     def usage(self, prompts: list[str], answers: list[str], *, chat_format: bool) -> dict[str, int]:
         """The usage the client gets, counted once; the flow's comment shows the same count."""
@@ -673,13 +676,7 @@ async def responses_create(service: Service, request: Request) -> Response:
         except Unavailable:
             pass  # logged once per outage by the state
         except Exception as e:
-            logger.warning(
-                "poe-openai: %s: storing the response failed (%s: %s); the answer goes to the "
-                "client anyway",
-                call.label,
-                type(e).__name__,
-                str(e)[:200],
-            )
+            call.step_failed("storing the response", e)
 
     if not req.stream:
         deltas: list[dict[str, Any]] = []
